@@ -1,0 +1,72 @@
+"""Where the offline build puts things, per profile.
+
+Everything generated lives under ``artifacts/<profile>/`` (ignored by git), so
+the ``tiny`` profile of the tests never touches the ``full`` one of the main job.
+``SBTEMPLATE_ARTIFACTS`` moves the whole tree elsewhere.
+"""
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+PROFILES = ("tiny", "full")
+
+# The Hub-style id the base recognizer is published under. The data is
+# synthetic (espeak-ng), so the name says so.
+REPO_ID = "synthspeech/asr-crdnn-rnnlm-synth"
+EXPERIMENT = "CRDNN_BPE_synth_RNNLM"
+SEED = 2602
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def artifacts_root():
+    """Root of all generated artefacts (env ``SBTEMPLATE_ARTIFACTS``)."""
+    return Path(os.environ.get("SBTEMPLATE_ARTIFACTS", PROJECT_ROOT / "artifacts"))
+
+
+@dataclass(frozen=True)
+class ProfilePaths:
+    """The layout of one profile's artefacts."""
+
+    profile: str
+    root: Path
+
+    @classmethod
+    def for_profile(cls, profile, root=None):
+        if profile not in PROFILES:
+            raise ValueError(
+                f"Unknown profile {profile!r}: choose one of {', '.join(PROFILES)}"
+            )
+        base = Path(root) if root is not None else artifacts_root()
+        return cls(profile, base / profile)
+
+    @property
+    def corpus(self):
+        """LibriSpeech-layout data root (``{data_root}`` in the manifests)."""
+        return self.root / "corpus"
+
+    @property
+    def manifests(self):
+        """JSON descriptors (train/valid/test) and text-only LM files."""
+        return self.root / "manifests"
+
+    @property
+    def experiment(self):
+        """``results/<experiment>/<seed>`` as SpeechBrain recipes lay it out."""
+        return self.root / "results" / EXPERIMENT / str(SEED)
+
+    @property
+    def model_dir(self):
+        """The published recognizer: asr/lm/tokenizer/normalizer ckpts + hyperparams.yaml."""
+        return self.experiment / "save" / "CKPT+latest"
+
+    @property
+    def local_repo(self):
+        """Folder named like the Hub repo id, a symlink to ``model_dir``."""
+        return self.root / REPO_ID
+
+    @property
+    def build_report(self):
+        """JSON with the base recognizer's WERs, written at the end of a build."""
+        return self.root / "build_report.json"
