@@ -1,0 +1,91 @@
+"""Shared pieces of the fetching tests: a small fake published model folder,
+the running loopback servers, and a clean fetch configuration per test."""
+
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sbtemplate import fetching, servers
+from sbtemplate.manifest import write_manifest
+from sbtemplate.paths import REPO_ID
+
+EXAMPLE_WAV = "example.wav"
+SAMPLE_RATE = 16000
+
+
+def make_fake_repo(folder):
+    """A folder shaped like the published recognizer: a few ckpt files, a
+    hyperparams.yaml, an example wav and manifest.json."""
+    import soundfile
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(2602)
+    for name, size in (
+        ("asr.ckpt", 40_000),
+        ("lm.ckpt", 120_000),
+        ("tokenizer.ckpt", 9_000),
+        ("normalizer.ckpt", 2_000),
+    ):
+        (folder / name).write_bytes(rng.integers(0, 256, size, dtype=np.uint8).tobytes())
+    (folder / "hyperparams.yaml").write_text("# fake hyperparameters\nsample_rate: 16000\n")
+    t = np.arange(SAMPLE_RATE // 2) / SAMPLE_RATE
+    wave = 0.3 * np.sin(2 * np.pi * 440 * t) * np.linspace(1, 0.2, t.size)
+    soundfile.write(folder / EXAMPLE_WAV, wave.astype(np.float32), SAMPLE_RATE, subtype="PCM_16")
+    write_manifest(folder)
+    return folder
+
+
+@contextmanager
+def fetch_environment(tmp_path, folder, repo_id=REPO_ID):
+    """Serve ``folder`` and configure fetching against the servers, with a
+    fresh cache under ``tmp_path``; everything is restored afterwards."""
+    with servers.serve(folder, repo_id) as served:
+        with fetching.hub_endpoint(served.hub_endpoint):
+            with fetching.policy(
+                cache_dir=str(tmp_path / "fetch-cache"),
+                hub_cache_dir=str(tmp_path / "fetch-cache" / "hub"),
+                allow_network=True,
+            ):
+                fetching.install()
+                try:
+                    yield served
+                finally:
+                    fetching.uninstall()
+
+
+@pytest.fixture
+def fake_repo(tmp_path):
+    return make_fake_repo(tmp_path / "published" / "CKPT+latest")
+
+
+@pytest.fixture
+def served(tmp_path, fake_repo):
+    with fetch_environment(tmp_path, fake_repo) as running:
+        del fetching.fetch_log[:]
+        yield running
+
+
+def leftovers(*roots):
+    """Half-written files anywhere under ``roots``."""
+    found = []
+    for root in roots:
+        root = Path(root)
+        if not root.exists():
+            continue
+        for path in root.rglob("*"):
+            if path.name.endswith((".incomplete", ".tmp", ".part", ".lock.tmp")):
+                found.append(path)
+    return found
+
+
+def hub_blobs(cache_root):
+    blobs = Path(cache_root) / "hub"
+    return sorted(p for p in blobs.rglob("blobs/*") if p.is_file())
+
+
+def file_bytes(path):
+    return Path(os.path.realpath(path)).read_bytes()
