@@ -9,7 +9,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-PROFILES = ("tiny", "full")
+PROFILES = ("tiny", "full")  # see sbtemplate.profiles
 
 # The Hub-style id the base recognizer is published under. The data is
 # synthetic (espeak-ng), so the name says so.

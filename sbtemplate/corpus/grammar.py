@@ -1,0 +1,252 @@
+"""Seeded sentence grammars written for this project (no copied text).
+
+Two text domains:
+
+* ``general``: everyday narrative sentences; the base recognizer and the base
+  LM are trained on it.
+* ``target``: short voice-assistant commands (timers, alarms, unit conversion,
+  arithmetic), each with a semantics label (intent + slots). Its text-only
+  split feeds LM fine-tuning and its speech is the test set.
+
+The general grammar deliberately uses the target domain's words (numbers,
+units, times) in other contexts, so the acoustic model has heard them; what it
+lacks is the target domain's word order, which is what LM fine-tuning teaches.
+"""
+
+import random
+
+ONES = [
+    "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
+]
+TEENS = [
+    "ten", "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen",
+    "seventeen", "eighteen", "nineteen",
+]
+TENS = ["twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety"]
+
+
+def number_words(n):
+    """1..99 as English words ("forty two")."""
+    if not 1 <= n <= 99:
+        raise ValueError(f"number out of range: {n}")
+    if n < 10:
+        return ONES[n - 1]
+    if n < 20:
+        return TEENS[n - 10]
+    tens, ones = divmod(n, 10)
+    return TENS[tens - 2] + ("" if ones == 0 else " " + ONES[ones - 1])
+
+
+# ----------------------------------------------------------------- general --
+_G = {
+    "person": [
+        "the farmer", "my sister", "the old teacher", "a young doctor", "the captain",
+        "her brother", "the baker", "our neighbour", "the little girl", "a tired sailor",
+        "the gardener", "his mother", "the driver", "a quiet student", "the painter",
+        "my uncle", "the nurse", "a clever boy", "the king", "the singer",
+    ],
+    "people": [
+        "the children", "the workers", "my friends", "the soldiers", "the villagers",
+        "the guests", "the players", "our parents", "the travellers", "the fishermen",
+    ],
+    "thing": [
+        "a red apple", "the heavy box", "an old letter", "the blue coat", "a small boat",
+        "the wooden chair", "a loaf of bread", "the silver key", "a green bottle",
+        "the broken clock", "a warm blanket", "the long rope", "a paper map",
+        "the iron gate", "a basket of eggs", "the bright lamp", "a new book",
+    ],
+    "place": [
+        "the river", "the market", "the village", "the station", "the garden",
+        "the harbour", "the kitchen", "the forest", "the church", "the bridge",
+        "the hill", "the school", "the farm", "the beach", "the library", "the city",
+    ],
+    "verb_past": [
+        "found", "carried", "painted", "opened", "dropped", "sold", "bought", "mended",
+        "washed", "hid", "lifted", "cleaned", "brought", "wanted", "counted",
+    ],
+    "move_past": [
+        "walked", "ran", "drove", "sailed", "rode", "wandered", "hurried", "travelled",
+        "climbed", "swam",
+    ],
+    "adj": [
+        "cold", "quiet", "bright", "dark", "warm", "busy", "empty", "beautiful", "noisy",
+        "green", "wet", "peaceful", "crowded", "strange",
+    ],
+    "weather": [
+        "the rain", "the wind", "the snow", "the storm", "the sun", "the fog",
+    ],
+    "time_phrase": [
+        "in the morning", "at night", "after dinner", "before noon", "on monday",
+        "on friday", "last winter", "every evening", "in the spring", "at dawn",
+        "at seven o'clock", "at half past nine", "at ten thirty",
+    ],
+    "unit": [
+        "miles", "kilometers", "minutes", "hours", "seconds", "pounds", "grams",
+        "kilograms", "meters", "feet", "inches", "liters", "days", "weeks",
+    ],
+}
+
+
+def _article(word):
+    return "an" if word[0] in "aeio" else "a"
+
+
+def _n(rng, hi=60):
+    return number_words(rng.randint(2, hi))
+
+
+_GENERAL_TEMPLATES = [
+    lambda r, g: f"{r.choice(g['person'])} {r.choice(g['verb_past'])} {r.choice(g['thing'])} near {r.choice(g['place'])}",
+    lambda r, g: f"{r.choice(g['people'])} {r.choice(g['move_past'])} to {r.choice(g['place'])} {r.choice(g['time_phrase'])}",
+    lambda r, g: f"{r.choice(g['person'])} {r.choice(g['move_past'])} {_n(r)} {r.choice(['miles', 'kilometers', 'meters'])} to reach {r.choice(g['place'])}",
+    lambda r, g: f"{r.choice(g['place'])} was {r.choice(g['adj'])} and {r.choice(g['adj'])} {r.choice(g['time_phrase'])}",
+    lambda r, g: f"{r.choice(g['weather'])} lasted for {_n(r, 30)} {r.choice(['hours', 'days', 'minutes', 'weeks'])}",
+    lambda r, g: f"{r.choice(g['person'])} waited {_n(r)} minutes for {r.choice(g['people'])} at {r.choice(g['place'])}",
+    lambda r, g: f"{r.choice(g['people'])} carried {_n(r, 40)} {r.choice(['pounds', 'kilograms', 'liters'])} of water from {r.choice(g['place'])}",
+    lambda r, g: f"{r.choice(g['person'])} said that {r.choice(g['thing'])} was {r.choice(g['adj'])}",
+    lambda r, g: f"{r.choice(g['time_phrase'])} {r.choice(g['person'])} {r.choice(g['verb_past'])} {r.choice(g['thing'])}",
+    lambda r, g: f"there were {_n(r, 90)} {r.choice(['boats', 'houses', 'trees', 'horses', 'lamps', 'chairs'])} in {r.choice(g['place'])}",
+    lambda r, g: f"{r.choice(g['person'])} and {r.choice(g['person'])} {r.choice(g['move_past'])} past {r.choice(g['place'])}",
+    lambda r, g: f"the road to {r.choice(g['place'])} is {_n(r, 80)} {r.choice(['miles', 'kilometers'])} long",
+    lambda r, g: f"{r.choice(g['person'])} {r.choice(g['verb_past'])} {r.choice(g['thing'])} and gave it to {r.choice(g['people'])}",
+    lambda r, g: f"after {_n(r, 20)} {r.choice(['days', 'weeks', 'hours'])} {r.choice(g['weather'])} stopped",
+    lambda r, g: f"{r.choice(g['people'])} counted {_n(r, 99)} {r.choice(['coins', 'stars', 'birds', 'sheep', 'stones'])} {r.choice(g['time_phrase'])}",
+    lambda r, g: f"the clock in {r.choice(g['place'])} stopped {r.choice(g['time_phrase'])}",
+    lambda r, g: f"{r.choice(g['person'])} set the table and waited until {r.choice(['seven', 'eight', 'nine', 'ten', 'six'])} o'clock",
+    lambda r, g: f"{r.choice(g['person'])} measured {_n(r, 50)} {r.choice(['feet', 'inches', 'meters', 'centimeters'])} of {r.choice(['rope', 'cloth', 'wire', 'fence'])}",
+    lambda r, g: f"{r.choice(g['person'])} heard the {r.choice(['alarm', 'old timer', 'kitchen timer', 'church bell'])} {r.choice(g['time_phrase'])}",
+    lambda r, g: f"{r.choice(g['people'])} tried to calculate how many {r.choice(g['unit'])} were left",
+    lambda r, g: f"{r.choice(g['person'])} poured {_n(r, 30)} {r.choice(['ounces', 'gallons', 'liters'])} of milk into {r.choice(['the bucket', 'a jar', 'the pot'])}",
+    lambda r, g: f"{r.choice(g['person'])} wanted to {r.choice(['convert', 'change', 'divide', 'multiply', 'count'])} {r.choice(g['thing'])} into {r.choice(['money', 'pieces', 'gold', 'bread'])}",
+]
+
+# ------------------------------------------------------------------ target --
+_TIME_UNITS = ["seconds", "minutes", "hours"]
+_CONVERSIONS = [
+    ("miles", "kilometers"), ("kilometers", "miles"), ("pounds", "kilograms"),
+    ("kilograms", "pounds"), ("feet", "meters"), ("meters", "feet"),
+    ("inches", "centimeters"), ("liters", "gallons"), ("grams", "ounces"),
+]
+_HOURS = ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
+          "ten", "eleven", "twelve"]
+_OPS = {"plus": "add", "minus": "subtract", "times": "multiply", "divided by": "divide"}
+
+
+def _target_timer(r):
+    n = _n(r, 90)
+    unit = r.choice(_TIME_UNITS)
+    text = r.choice([
+        f"set a timer for {n} {unit}",
+        f"start a timer for {n} {unit}",
+        f"please set {_article(n)} {n} {unit[:-1]} timer",
+        f"timer for {n} {unit} please",
+        f"count down {n} {unit}",
+    ])
+    return text, {"intent": "set_timer", "slots": {"duration": n, "unit": unit}}
+
+
+def _target_alarm(r):
+    hour = r.choice(_HOURS)
+    minute = r.choice(["o'clock", "thirty", "fifteen", "forty five"])
+    period = r.choice(["in the morning", "in the evening", "tonight", "tomorrow"])
+    time = f"{hour} {minute}"
+    text = r.choice([
+        f"set an alarm for {time} {period}",
+        f"wake me up at {time} {period}",
+        f"please set my alarm for {time} {period}",
+        f"alarm at {time} {period}",
+    ])
+    return text, {"intent": "set_alarm", "slots": {"time": time, "when": period}}
+
+
+def _target_cancel(r):
+    what = r.choice(["timer", "alarm"])
+    text = r.choice([
+        f"cancel the {what}", f"stop my {what}", f"please cancel my {what}",
+        f"turn off the {what}",
+    ])
+    return text, {"intent": f"cancel_{what}", "slots": {}}
+
+
+def _target_convert(r):
+    src, dst = r.choice(_CONVERSIONS)
+    n = _n(r, 99)
+    text = r.choice([
+        f"convert {n} {src} to {dst}",
+        f"how many {dst} are in {n} {src}",
+        f"what is {n} {src} in {dst}",
+        f"change {n} {src} into {dst}",
+    ])
+    return text, {"intent": "convert_units", "slots": {"amount": n, "from": src, "to": dst}}
+
+
+def _target_arith(r):
+    a, b = _n(r, 99), _n(r, 20)
+    op = r.choice(list(_OPS))
+    text = r.choice([
+        f"what is {a} {op} {b}",
+        f"calculate {a} {op} {b}",
+        f"tell me {a} {op} {b}",
+        f"how much is {a} {op} {b}",
+    ])
+    return text, {"intent": "arithmetic", "slots": {"left": a, "operator": _OPS[op], "right": b}}
+
+
+_TARGET_GENERATORS = [
+    (_target_timer, 3), (_target_alarm, 3), (_target_cancel, 1),
+    (_target_convert, 3), (_target_arith, 3),
+]
+
+
+def _normalise(text):
+    return " ".join(text.upper().replace("'", "'").split())
+
+
+def general_sentence(rng):
+    """One general-domain sentence, upper case as in LibriSpeech transcripts."""
+    return _normalise(rng.choice(_GENERAL_TEMPLATES)(rng, _G))
+
+
+def target_sentence(rng):
+    """One target-domain command and its semantics label."""
+    funcs, weights = zip(*_TARGET_GENERATORS)
+    text, semantics = rng.choices(funcs, weights=weights)[0](rng)
+    return _normalise(text), semantics
+
+
+def unique_sentences(make, count, rng, taken, max_tries_factor=200):
+    """Draw ``count`` sentences not in ``taken`` (updated in place), in draw order."""
+    out = []
+    tries = 0
+    while len(out) < count:
+        tries += 1
+        if tries > count * max_tries_factor:
+            raise RuntimeError(
+                f"The grammar ran out of unique sentences after {len(out)} of {count}"
+            )
+        item = make(rng)
+        text = item[0] if isinstance(item, tuple) else item
+        if text in taken:
+            continue
+        taken.add(text)
+        out.append(item)
+    return out
+
+
+def split_domains(sizes, seed):
+    """All text of both domains, disjoint across splits.
+
+    ``sizes`` maps split name → count; names starting with ``target`` draw from
+    the target grammar (with semantics), the others from the general grammar.
+    One shared ``taken`` set guarantees that no sentence occurs in two splits,
+    so test sentences never occur in any training text.
+    """
+    rng = random.Random(seed)
+    taken = set()
+    splits = {}
+    # Test splits are drawn first so that their sentences are fixed by the seed
+    # alone, whatever the sizes of the training splits.
+    for name in sorted(sizes, key=lambda n: (not n.endswith("test"), n)):
+        make = target_sentence if name.startswith("target") else general_sentence
+        splits[name] = unique_sentences(make, sizes[name], rng, taken)
+    return splits

@@ -1,0 +1,69 @@
+"""Build profiles: how much data and how big a model.
+
+``full`` is the main job's default (about 15 minutes on 2 CPU cores);
+``tiny`` exercises every code path in seconds to a couple of minutes and is
+what the test suite builds. Both use the same code; only these numbers differ.
+"""
+
+PROFILES = {
+    "full": {
+        "corpus": {
+            # speech splits (LibriSpeech layout)
+            "general_train": 720,
+            "general_valid": 60,
+            "general_test": 100,
+            "target_test": 150,
+            # text-only splits
+            "general_lm_train": 6000,
+            "general_lm_valid": 300,
+            "target_lm_train": 2000,
+            "target_lm_valid": 200,
+            "noise_files": 12,
+            "rir_files": 12,
+        },
+        "tokenizer": {"vocab_size": 200},
+        "lm": {"number_of_epochs": 6, "batch_size": 64},
+        "asr": {"number_of_epochs": 14, "number_of_ctc_epochs": 4, "batch_size": 8},
+        "model_overrides": {},
+        "eval": {"beam_size": 8},
+    },
+    "tiny": {
+        "corpus": {
+            "general_train": 48,
+            "general_valid": 8,
+            "general_test": 12,
+            "target_test": 16,
+            "general_lm_train": 400,
+            "general_lm_valid": 40,
+            "target_lm_train": 120,
+            "target_lm_valid": 30,
+            "noise_files": 3,
+            "rir_files": 3,
+        },
+        "tokenizer": {"vocab_size": 120},
+        "lm": {"number_of_epochs": 2, "batch_size": 32},
+        "asr": {"number_of_epochs": 2, "number_of_ctc_epochs": 1, "batch_size": 8},
+        # smaller network, same architecture and code
+        "model_overrides": {
+            "cnn_channels": "(8, 16)",
+            "rnn_neurons": 32,
+            "dnn_neurons": 32,
+            "emb_size": 16,
+            "dec_neurons": 32,
+            "attn_dim": 32,
+            "lm_emb_size": 16,
+            "lm_rnn_neurons": 64,
+            "lm_dnn_neurons": 32,
+        },
+        "eval": {"beam_size": 4},
+    },
+}
+
+
+def get_profile(name):
+    try:
+        return PROFILES[name]
+    except KeyError:
+        raise ValueError(
+            f"Unknown profile {name!r}: choose one of {', '.join(PROFILES)}"
+        ) from None
