@@ -1,0 +1,31 @@
+"""Padding-invariant batched decoding for the CRDNN + attention recognizer.
+
+Batch size 8 gives the hypotheses of batch size 1: see
+``docs/upstream-padding-fix.md`` for the leaks in SpeechBrain 1.1.2 and how each
+component here closes one.
+
+* :mod:`.lengths`: exact integer lengths, recovered once and carried along.
+* :mod:`.encoder`: :class:`PaddingInvariantCRDNN`, :class:`PaddingInvariantEncoder`.
+* :mod:`.search`: :class:`PaddingInvariantS2SRNNBeamSearcher`,
+  :class:`PaddingInvariantS2SRNNGreedySearcher`.
+* :mod:`.selection`: the ``padding_invariant`` YAML switch.
+"""
+
+from .encoder import PaddingInvariantCRDNN, PaddingInvariantEncoder
+from .lengths import FRAME_LENGTHS_ATTR, exact_lengths, frame_lengths_of
+from .search import (
+    PaddingInvariantBeamSearchMixin,
+    PaddingInvariantS2SRNNBeamSearcher,
+    PaddingInvariantS2SRNNGreedySearcher,
+)
+
+__all__ = [
+    "FRAME_LENGTHS_ATTR",
+    "PaddingInvariantBeamSearchMixin",
+    "PaddingInvariantCRDNN",
+    "PaddingInvariantEncoder",
+    "PaddingInvariantS2SRNNBeamSearcher",
+    "PaddingInvariantS2SRNNGreedySearcher",
+    "exact_lengths",
+    "frame_lengths_of",
+]

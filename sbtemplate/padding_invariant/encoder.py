@@ -1,0 +1,450 @@
+"""Length-aware encoder path: padding-invariant CRDNN and feature pipeline.
+
+Two subclasses of SpeechBrain classes, with the stock constructors and therefore
+the stock parameter names (checkpoints load unchanged):
+
+* :class:`PaddingInvariantCRDNN` (a ``speechbrain.lobes.models.CRDNN.CRDNN``)
+  runs the stock layers, but walks them with each utterance's exact frame
+  count: before every time-padded convolution it writes each utterance's own
+  boundary padding (its reflection) just past its own end, it computes the time
+  pooling's output length exactly, and it runs the recurrent layers on each
+  utterance's own length (packed sequences).
+* :class:`PaddingInvariantEncoder` (a
+  ``speechbrain.nnet.containers.LengthsCapableSequential``) is the
+  ``compute_features -> normalize -> model`` chain of the inference
+  hyperparameters.  It recovers exact sample counts from the relative lengths,
+  zeroes the waveform padding, derives exact feature-frame counts from the
+  STFT's hop, and returns the encoder output with the exact encoder frame
+  counts attached (see :mod:`sbtemplate.padding_invariant.lengths`).
+
+In both, every frame past an utterance's own length is set to zero in the
+output, so the output does not depend on what the padding held.
+
+A layer type without a rule here raises ``TypeError`` instead of silently
+leaking; frame-wise layers (linear, normalisation over features, activations,
+dropout, pooling over the feature axis) need none.
+"""
+
+import torch
+from speechbrain.lobes.models.CRDNN import CRDNN
+from speechbrain.nnet import RNN as sb_rnn
+from speechbrain.nnet.CNN import Conv2d, get_padding_elem
+from speechbrain.nnet.containers import LengthsCapableSequential, Sequential
+from speechbrain.nnet.dropout import Dropout2d
+from speechbrain.nnet.linear import Linear
+from speechbrain.nnet.normalization import (
+    BatchNorm1d,
+    BatchNorm2d,
+    LayerNorm,
+)
+from speechbrain.nnet.pooling import Pooling1d, Pooling2d
+from speechbrain.processing.features import InputNormalization
+
+from .lengths import (
+    attach_frame_lengths,
+    exact_lengths,
+    frames_mask,
+    relative_lengths,
+)
+
+# Layers that act on each frame on its own (in eval mode): no length rule needed.
+FRAMEWISE_LAYERS = (
+    Linear,
+    LayerNorm,
+    BatchNorm1d,
+    BatchNorm2d,
+    Dropout2d,
+    torch.nn.Linear,
+    torch.nn.LayerNorm,
+    torch.nn.Dropout,
+    torch.nn.Identity,
+    torch.nn.LeakyReLU,
+    torch.nn.ReLU,
+    torch.nn.PReLU,
+    torch.nn.ELU,
+    torch.nn.GELU,
+    torch.nn.SiLU,
+    torch.nn.Tanh,
+    torch.nn.Sigmoid,
+)
+
+# SpeechBrain recurrent wrappers around a torch.nn.RNNBase (``.rnn``): packed.
+PACKABLE_RNNS = (sb_rnn.RNN, sb_rnn.LSTM, sb_rnn.GRU)
+# Recurrent layers without packing support: run one utterance at a time.
+UNPACKABLE_RNNS = (sb_rnn.LiGRU, sb_rnn.SLiGRU, sb_rnn.QuasiRNN)
+
+
+# --------------------------------------------------------------------------- #
+# Convolution boundary
+# --------------------------------------------------------------------------- #
+def fill_own_padding(x, lengths, pad, mode="reflect"):
+    """Write each item's own boundary padding just past its own end.
+
+    ``torch.nn.functional.pad`` applied to a padded batch pads at the *batch*
+    tensor's edge, so a short utterance's last frames see the batch padding
+    instead of their own reflection.  This writes, for every item shorter than
+    the tensor, the ``pad`` frames that padding the item alone would have put
+    after its last frame.  Time is axis 1.  Returns a new tensor (the input is
+    not modified); a tensor with no short item is returned as it is.
+
+    Arguments
+    ---------
+    x : torch.Tensor
+        ``[batch, time, ...]``.
+    lengths : torch.LongTensor
+        Exact lengths, ``[batch]``.
+    pad : int
+        Number of frames the convolution pads on the right.
+    mode : str
+        The ``torch.nn.functional.pad`` mode of the convolution.
+
+    Returns
+    -------
+    torch.Tensor
+        Same shape as ``x``.
+
+    Example
+    -------
+    >>> x = torch.tensor([[1.0, 2.0, 3.0, 0.0, 0.0], [1.0, 2.0, 3.0, 4.0, 5.0]])
+    >>> fill_own_padding(x, torch.tensor([3, 5]), pad=1)[0].tolist()
+    [1.0, 2.0, 3.0, 2.0, 0.0]
+    """
+    T = x.shape[1]
+    if pad <= 0:
+        return x
+    short = torch.nonzero(lengths < T, as_tuple=True)[0]
+    if short.numel() == 0:
+        return x
+    n = lengths[short].to(x.device).unsqueeze(1)
+    j = torch.arange(pad, device=x.device).unsqueeze(0)
+    dst = n + j
+    if mode == "reflect":
+        src = (n - 2 - j).clamp(min=0)
+    elif mode == "replicate":
+        src = (n - 1).expand_as(dst)
+    elif mode == "constant":
+        src = None
+    else:
+        raise ValueError(f"Unsupported padding mode {mode!r}")
+    rows = short.to(x.device).unsqueeze(1).expand_as(dst)
+    keep = dst < T
+    rows, dst = rows[keep], dst[keep]
+    x = x.clone()
+    if src is None:
+        x[rows, dst] = 0.0
+    else:
+        x[rows, dst] = x[rows, src[keep]]
+    return x
+
+
+def conv2d_own_padding(conv, x, lengths):
+    """Stock ``speechbrain.nnet.CNN.Conv2d`` forward with per-utterance padding.
+
+    The convolution itself is the stock module's forward; only the frames just
+    past each utterance's end are replaced first (:func:`fill_own_padding`).
+    When an utterance's own padding would reach past the tensor's end, the
+    tensor is first extended with zero frames, and the output trimmed back.
+    """
+    if conv.swap or conv.skip_transpose:
+        raise TypeError("Conv2d with swap/skip_transpose has no length rule here")
+    if conv.padding in ("causal", "valid"):
+        if conv.padding == "valid":
+            raise TypeError("Conv2d padding='valid' changes the length: no rule here")
+        return conv(x)  # causal: pads on the left only, no leak from the right
+    if conv.stride[-1] != 1:
+        raise TypeError("Conv2d with a time stride has no length rule here")
+    if conv.padding_mode not in ("reflect", "replicate", "constant"):
+        # circular padding also wraps each start around to the batch's end
+        raise TypeError(f"Conv2d padding_mode={conv.padding_mode!r}: no rule here")
+    pad = get_padding_elem(
+        conv.in_channels, conv.stride[-1], conv.kernel_size[-1], conv.dilation[-1]
+    )[1]
+    T = x.shape[1]
+    extra = int(lengths.max().item()) + pad - T if lengths.numel() else 0
+    short_exists = bool((lengths < T).any())
+    if short_exists and extra > 0:
+        tail = x.new_zeros((x.shape[0], extra) + tuple(x.shape[2:]))
+        x = torch.cat([x, tail], dim=1)
+    x = fill_own_padding(x, lengths, pad, conv.padding_mode)
+    out = conv(x)
+    return out[:, :T] if out.shape[1] > T else out
+
+
+# --------------------------------------------------------------------------- #
+# Pooling over time
+# --------------------------------------------------------------------------- #
+def _time_pool_params(pool):
+    """(kernel, stride, padding, dilation, ceil_mode) along time, or None."""
+    layer = pool.pool_layer
+    if isinstance(pool, Pooling1d):
+        if pool.pool_axis != 1:
+            return None
+        pick = lambda v: v[-1] if isinstance(v, (tuple, list)) else v  # noqa: E731
+    elif isinstance(pool, Pooling2d):
+        if 1 not in tuple(pool.pool_axis):
+            return None
+        i = tuple(pool.pool_axis).index(1)
+        pick = lambda v: v[i] if isinstance(v, (tuple, list)) else v  # noqa: E731
+    else:
+        return None
+    dilation = getattr(layer, "dilation", 1)
+    return (
+        pick(layer.kernel_size),
+        pick(layer.stride),
+        pick(layer.padding),
+        pick(dilation),
+        layer.ceil_mode,
+    )
+
+
+def pooled_lengths(pool, lengths):
+    """Exact output lengths of a SpeechBrain pooling layer (identity if not over time)."""
+    params = _time_pool_params(pool)
+    if params is None:
+        return lengths
+    kernel, stride, padding, dilation, ceil_mode = params
+    if padding != 0 or ceil_mode:
+        raise TypeError(
+            "Time pooling with padding or ceil_mode pools the batch padding "
+            "into the last window: no length rule here"
+        )
+    # floor((n - dilation*(kernel-1) - 1) / stride) + 1, never below 0
+    span = dilation * (kernel - 1) + 1
+    return torch.div(lengths - span, stride, rounding_mode="floor").clamp(min=-1) + 1
+
+
+# --------------------------------------------------------------------------- #
+# Recurrent layers
+# --------------------------------------------------------------------------- #
+def rnn_own_lengths(rnn, x, lengths):
+    """Run a SpeechBrain recurrent layer on each utterance's own length.
+
+    ``speechbrain.nnet.RNN.{RNN,LSTM,GRU}`` are packed with the *integer*
+    lengths (SpeechBrain's own ``pack_padded_sequence`` truncates
+    ``relative * T`` towards zero).  Recurrent layers that cannot be packed are
+    run one utterance at a time on its own frames.  Without padding at all, the
+    stock forward is used unchanged.  Output frames past each length are zero.
+    """
+    B, T = x.shape[0], x.shape[1]
+    if x.ndim == 4:
+        x = x.reshape(B, T, x.shape[2] * x.shape[3])
+    lengths = lengths.clamp(min=1)
+    if bool((lengths >= T).all()):
+        out = rnn(x)
+        return out[0] if isinstance(out, tuple) else out
+    if isinstance(rnn, PACKABLE_RNNS):
+        packed = torch.nn.utils.rnn.pack_padded_sequence(
+            x, lengths.cpu(), batch_first=True, enforce_sorted=False
+        )
+        out, _ = rnn.rnn(packed)
+        out, _ = torch.nn.utils.rnn.pad_packed_sequence(
+            out, batch_first=True, total_length=T
+        )
+        return out
+    outs = []
+    for i in range(B):
+        n = int(lengths[i])
+        o = rnn(x[i : i + 1, :n])
+        o = o[0] if isinstance(o, tuple) else o
+        outs.append(torch.nn.functional.pad(o, (0, 0, 0, T - n)))
+    return torch.cat(outs, dim=0)
+
+
+# --------------------------------------------------------------------------- #
+# CRDNN
+# --------------------------------------------------------------------------- #
+def _is_elementwise_activation(layer):
+    """torch.nn activation modules (all element-wise but attention/softmax)."""
+    return type(layer).__module__ == "torch.nn.modules.activation" and not isinstance(
+        layer,
+        (torch.nn.MultiheadAttention, torch.nn.Softmax, torch.nn.LogSoftmax),
+    )
+
+
+def run_with_lengths(layer, x, lengths):
+    """Apply ``layer`` to a padded batch, carrying exact integer lengths.
+
+    Returns ``(output, output_lengths)``.  Containers are walked recursively.
+    """
+    if hasattr(layer, "forward_with_lengths"):
+        return layer.forward_with_lengths(x, lengths)
+    if isinstance(layer, (Sequential, torch.nn.Sequential)):
+        children = layer.values() if isinstance(layer, Sequential) else layer
+        for child in children:
+            x, lengths = run_with_lengths(child, x, lengths)
+        return x, lengths
+    if isinstance(layer, Conv2d):
+        return conv2d_own_padding(layer, x, lengths), lengths
+    if isinstance(layer, (Pooling1d, Pooling2d)):
+        return layer(x), pooled_lengths(layer, lengths)
+    if isinstance(layer, PACKABLE_RNNS + UNPACKABLE_RNNS):
+        return rnn_own_lengths(layer, x, lengths), lengths
+    if isinstance(layer, FRAMEWISE_LAYERS) or _is_elementwise_activation(layer):
+        out = layer(x)
+        return (out[0] if isinstance(out, tuple) else out), lengths
+    raise TypeError(
+        f"{type(layer).__name__} has no padding-invariant length rule; "
+        "add one in sbtemplate.padding_invariant.encoder"
+    )
+
+
+def zero_padding_frames(x, lengths):
+    """Set every frame past each item's length to zero (time is axis 1)."""
+    mask = frames_mask(lengths, x.shape[1])
+    shape = mask.shape + (1,) * (x.ndim - 2)
+    return x.masked_fill(~mask.view(shape), 0.0)
+
+
+class PaddingInvariantCRDNN(CRDNN):
+    """CRDNN whose output for an utterance does not depend on the batch's padding.
+
+    Same constructor and parameter names as
+    ``speechbrain.lobes.models.CRDNN.CRDNN``; only the forward differs (see the
+    module docstring).  ``forward`` takes SpeechBrain relative lengths of the
+    *input frames* (exact when they are ``frames / padded frames``);
+    ``forward_with_lengths`` takes and returns integer frame counts.
+
+    Example
+    -------
+    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+    <torch._C.Generator object at ...>
+    >>> net = PaddingInvariantCRDNN(
+    ...     input_shape=[None, None, 20], cnn_blocks=1, cnn_channels=[4],
+    ...     time_pooling=True, time_pooling_size=4, rnn_class=sb_rnn.LSTM,
+    ...     rnn_layers=1, rnn_neurons=8, dnn_blocks=1, dnn_neurons=8,
+    ... ).eval()
+    >>> x = torch.randn(2, 50, 20)
+    >>> out, n = net.forward_with_lengths(x, torch.tensor([33, 50]))
+    >>> n.tolist(), out.shape
+    ([8, 12], torch.Size([2, 12, 8]))
+    >>> alone, _ = net.forward_with_lengths(x[:1, :33], torch.tensor([33]))
+    >>> bool(torch.allclose(out[:1, :8], alone, atol=1e-5))
+    True
+    """
+
+    def forward_with_lengths(self, x, lengths):
+        """Encode a padded batch of features with exact frame counts.
+
+        Arguments
+        ---------
+        x : torch.Tensor
+            ``[batch, frames, features]``.
+        lengths : torch.LongTensor
+            Exact feature-frame counts, ``[batch]``.
+
+        Returns
+        -------
+        out : torch.Tensor
+            ``[batch, max(out_lengths), dnn_neurons]``, zero past each length.
+        out_lengths : torch.LongTensor
+            Exact encoder frame counts.
+        """
+        lengths = lengths.to(torch.long)
+        for layer in self.values():
+            x, lengths = run_with_lengths(layer, x, lengths)
+        lengths = lengths.clamp(min=0)
+        x = x[:, : max(int(lengths.max().item()), 1)] if lengths.numel() else x
+        return zero_padding_frames(x, lengths), lengths
+
+    def forward(self, x, lengths=None):
+        """Encode; ``lengths`` are relative to ``x.shape[1]`` (None: all full).
+
+        The output carries the exact encoder frame counts as its
+        ``frame_lengths`` attribute.
+        """
+        if lengths is None:
+            n = torch.full((x.shape[0],), x.shape[1], dtype=torch.long)
+        else:
+            n = exact_lengths(lengths, x.shape[1])
+        out, out_lengths = self.forward_with_lengths(x, n.to(x.device))
+        return attach_frame_lengths(out, out_lengths)
+
+
+# --------------------------------------------------------------------------- #
+# Feature pipeline + encoder
+# --------------------------------------------------------------------------- #
+def stft_frame_lengths(features, n_samples):
+    """Exact number of STFT frames each utterance has on its own.
+
+    ``features`` is a SpeechBrain feature extractor holding a ``compute_STFT``
+    (Fbank, MFCC, Spectrogram-like).  Its time padding must be zeros
+    (``pad_mode="constant"``, the default) so that zeroing the waveform padding
+    makes the batch identical to each utterance's own padding, and it must not
+    use the deltas or context window (both pad at the batch edge).
+    """
+    stft = getattr(features, "compute_STFT", None)
+    if stft is None:
+        raise TypeError(
+            f"{type(features).__name__}: no compute_STFT, no frame-count rule here"
+        )
+    if getattr(features, "deltas", False) or getattr(features, "context", False):
+        raise TypeError("Feature deltas/context pad at the batch edge: unsupported")
+    if stft.center and stft.pad_mode != "constant":
+        raise TypeError(
+            f"STFT pad_mode={stft.pad_mode!r} pads at the batch edge: unsupported"
+        )
+    hop = stft.hop_length
+    if stft.center:
+        return torch.div(n_samples, hop, rounding_mode="floor") + 1
+    return torch.div(n_samples - stft.n_fft, hop, rounding_mode="floor") + 1
+
+
+class PaddingInvariantEncoder(LengthsCapableSequential):
+    """``compute_features -> normalize -> model`` with exact lengths throughout.
+
+    Built exactly like the stock ``LengthsCapableSequential`` of the inference
+    hyperparameters (``input_shape``, then the named layers).  ``forward(wavs,
+    lengths)`` takes the waveform relative lengths of ``EncoderDecoderASR`` and
+    returns the encoder output trimmed to the longest utterance, zero past each
+    utterance's end, with the exact encoder frame counts attached as
+    ``frame_lengths`` (read by the padding-invariant searchers).
+
+    Supported layers: a SpeechBrain STFT-based feature extractor, an
+    ``InputNormalization``, any layer with ``forward_with_lengths`` (e.g.
+    :class:`PaddingInvariantCRDNN`) and the layers :func:`run_with_lengths`
+    knows.
+    """
+
+    def forward_with_lengths(self, wavs, n_samples):
+        """Encode waveforms with exact sample counts; returns (out, lengths)."""
+        n = n_samples.to(device=wavs.device, dtype=torch.long)
+        if bool((n < wavs.shape[1]).any()):
+            wavs = zero_padding_frames(wavs, n)
+        x = wavs
+        for layer in self.values():
+            if hasattr(layer, "compute_STFT"):
+                x = layer(x)
+                n = stft_frame_lengths(layer, n)
+                expected = int(stft_frame_lengths(layer, torch.tensor(wavs.shape[1])))
+                if x.shape[1] != expected:
+                    raise RuntimeError(
+                        f"Feature frames {x.shape[1]} != expected {expected}"
+                    )
+            elif isinstance(layer, InputNormalization):
+                x = layer(x, relative_lengths(n, x.shape[1]))
+            else:
+                x, n = run_with_lengths(layer, x, n)
+        x = x[:, : max(int(n.max().item()), 1)]
+        return zero_padding_frames(x, n), n
+
+    def forward(self, x, lengths=None):
+        """Encode a padded batch of waveforms.
+
+        Arguments
+        ---------
+        x : torch.Tensor
+            ``[batch, samples]`` waveforms.
+        lengths : torch.Tensor
+            Relative lengths (own samples / padded samples); None: all full.
+
+        Returns
+        -------
+        torch.Tensor
+            Encoder output with exact ``frame_lengths`` attached.
+        """
+        if lengths is None:
+            n = torch.full((x.shape[0],), x.shape[1], dtype=torch.long)
+        else:
+            n = exact_lengths(lengths, x.shape[1])
+        out, out_lengths = self.forward_with_lengths(x, n)
+        return attach_frame_lengths(out, out_lengths)

@@ -1,0 +1,475 @@
+"""Padding-invariant batched decoding: batch size 8 gives the hypotheses of batch size 1.
+
+Per-stage checks pin each leak separately (convolution boundary, recurrent
+layers, encoder lengths, search step limits), each run on the stock classes
+(where the leak must show, so the check would catch a regression) and on the
+padding-invariant ones (where it must be gone).  End-to-end checks decode
+utterances of very different lengths with ``EncoderDecoderASR.transcribe_batch``
+at batch size 1, 8 and in dynamic batches, on a random-initialised recognizer
+and on the trained tiny one.
+"""
+
+import copy
+import json
+import random
+
+import pytest
+import torch
+from speechbrain.inference.ASR import EncoderDecoderASR
+from speechbrain.lobes.models.CRDNN import CRDNN
+from speechbrain.nnet.CNN import Conv2d
+from speechbrain.nnet.RNN import LSTM, pack_padded_sequence
+from speechbrain.nnet.pooling import Pooling1d
+
+from sbtemplate.padding_invariant import (
+    PaddingInvariantCRDNN,
+    PaddingInvariantS2SRNNBeamSearcher,
+    exact_lengths,
+)
+from sbtemplate.padding_invariant import diagnostics as diag
+from sbtemplate.padding_invariant.decoding import (
+    by_length,
+    compare,
+    decode,
+    dynamic_batches,
+    fixed_size_batches,
+    wer,
+)
+from sbtemplate.padding_invariant.encoder import (
+    conv2d_own_padding,
+    pooled_lengths,
+    rnn_own_lengths,
+)
+from sbtemplate.padding_invariant.random_model import write_random_recognizer
+from sbtemplate.padding_invariant.selection import rnn_greedy_searcher
+from sbtemplate.paths import ProfilePaths
+
+SAMPLE_RATE = 16000
+# Very different lengths (0.2 s to 2.3 s), in no particular order.
+LENGTHS_S = [0.21, 2.3, 0.55, 1.12, 0.31, 1.73, 0.87, 0.43, 1.41, 0.66]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _waveforms(lengths_s, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    wavs = []
+    for s in lengths_s:
+        n = int(s * SAMPLE_RATE) + int(torch.randint(0, 160, (1,), generator=g))
+        # noise with a slow envelope: less uniform than white noise
+        env = torch.sin(torch.linspace(0, 3.14 * (1 + 3 * s), n)).abs() + 0.1
+        wavs.append(0.1 * env * torch.randn(n, generator=g))
+    return wavs
+
+
+def _load(source, savedir, padding_invariant, **overrides):
+    return EncoderDecoderASR.from_hparams(
+        source=str(source),
+        savedir=str(savedir),
+        overrides={"padding_invariant": padding_invariant, **overrides},
+        run_opts={"device": "cpu"},
+    )
+
+
+@pytest.fixture(scope="module")
+def random_model_dir(tmp_path_factory):
+    return write_random_recognizer(tmp_path_factory.mktemp("random_recognizer"), seed=0)
+
+
+@pytest.fixture(scope="module")
+def random_asr(random_model_dir, tmp_path_factory):
+    """The random recognizer loaded twice: {True: padding-invariant, False: stock}."""
+    return {
+        pi: _load(random_model_dir, tmp_path_factory.mktemp(f"savedir_{pi}"), pi)
+        for pi in (True, False)
+    }
+
+
+@pytest.fixture(scope="module")
+def wavs():
+    return _waveforms(LENGTHS_S)
+
+
+# --------------------------------------------------------------------------- #
+# Building blocks
+# --------------------------------------------------------------------------- #
+def test_exact_lengths_recovers_sample_counts():
+    rng = random.Random(0)
+    for _ in range(2000):
+        padded = rng.randint(1, 2**23 - 1)
+        n = rng.randint(1, padded)
+        rel = torch.tensor([n / padded], dtype=torch.float32)
+        assert exact_lengths(rel, padded).item() == n
+
+
+@pytest.mark.parametrize("mode", ["reflect", "replicate", "constant"])
+@pytest.mark.parametrize("kernel,dilation", [(3, 1), (5, 1), (3, 2)])
+def test_conv_own_padding_matches_lone_utterance(mode, kernel, dilation):
+    torch.manual_seed(0)
+    conv = Conv2d(
+        out_channels=4,
+        kernel_size=(kernel, kernel),
+        input_shape=(1, 30, 8, 3),
+        dilation=(dilation, dilation),
+        padding_mode=mode,
+    ).eval()
+    lengths = torch.tensor([30, 7, 29, 12])  # 29: own padding reaches past the batch
+    x = torch.randn(4, 30, 8, 3)
+    with torch.no_grad():
+        out = conv2d_own_padding(conv, x, lengths)
+        stock = conv(x)
+        for i, n in enumerate(lengths.tolist()):
+            alone = conv(x[i : i + 1, :n])
+            assert torch.allclose(out[i, :n], alone[0], atol=1e-5)
+        # the stock batch differs for the short items (the leak)
+        assert (stock[1, :7] - conv(x[1:2, :7])[0]).abs().max() > 1e-3
+
+
+def test_conv_circular_padding_is_refused():
+    conv = Conv2d(out_channels=2, kernel_size=(3, 3), input_shape=(1, 9, 4, 1), padding_mode="circular")
+    with pytest.raises(TypeError, match="circular"):
+        conv2d_own_padding(conv, torch.randn(2, 9, 4, 1), torch.tensor([9, 5]))
+
+
+def test_pooled_lengths_match_lone_pooling():
+    pool = Pooling1d("max", kernel_size=4, input_dims=4, pool_axis=1)
+    for n in range(4, 60):
+        out = pool(torch.randn(1, n, 5, 2))
+        assert pooled_lengths(pool, torch.tensor([n])).item() == out.shape[1]
+    freq_pool = Pooling1d("max", kernel_size=2, input_dims=4, pool_axis=2)
+    assert pooled_lengths(freq_pool, torch.tensor([17])).item() == 17
+
+
+def test_stock_rnn_packing_truncates_relative_lengths():
+    """SpeechBrain packs ``relative * T`` cast to int: a frame can go missing."""
+    T = 100
+    lost = [n for n in range(1, T + 1) if int(torch.tensor(n / T) * T) != n]
+    assert lost, "float32 n/T*T lands below n for some n"
+    # the padding-invariant path packs the integer lengths instead
+    lstm = LSTM(hidden_size=4, input_shape=(1, T, 3), bidirectional=True).eval()
+    x = torch.randn(2, T, 3)
+    n = lost[0]
+    with torch.no_grad():
+        packed = pack_padded_sequence(x, torch.tensor([n / T, 1.0]))
+        assert packed.batch_sizes.numel() == T  # still T steps, item 0 one short
+        ours = rnn_own_lengths(lstm, x, torch.tensor([n, T]))
+        alone = lstm(x[:1, :n])[0]
+        assert torch.allclose(ours[0, :n], alone[0], atol=1e-6)
+        stock = lstm(x, lengths=torch.tensor([n / T, 1.0]))[0]
+        assert (stock[0, :n] - alone[0]).abs().max() > 1e-4
+
+
+def _crdnn_kwargs(**changes):
+    kwargs = dict(
+        input_shape=[None, None, 40],
+        cnn_blocks=2,
+        cnn_channels=(4, 8),
+        time_pooling=True,
+        time_pooling_size=4,
+        rnn_class=LSTM,
+        rnn_layers=2,
+        rnn_neurons=8,
+        rnn_bidirectional=True,
+        rnn_re_init=True,
+        dnn_blocks=2,
+        dnn_neurons=8,
+    )
+    kwargs.update(changes)
+    return kwargs
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {},  # the project's layout
+        {"rnn_layers": 4, "dnn_blocks": 2, "projection_dim": 16},  # Hub-recipe-like
+        {"using_2d_pooling": True},
+    ],
+)
+def test_stock_checkpoint_loads_unchanged(changes):
+    torch.manual_seed(0)
+    stock = CRDNN(**_crdnn_kwargs(**changes)).eval()
+    fixed = PaddingInvariantCRDNN(**_crdnn_kwargs(**changes)).eval()
+    assert list(stock.state_dict()) == list(fixed.state_dict())
+    fixed.load_state_dict(stock.state_dict(), strict=True)
+    x = torch.randn(3, 81, 40)
+    with torch.no_grad():
+        # no padding: the same output as the stock module
+        assert torch.allclose(fixed(x), stock(x), atol=1e-6)
+        # padding: each utterance's output as alone
+        n = torch.tensor([81, 37, 55])
+        out, out_n = fixed.forward_with_lengths(x, n)
+        for i in range(3):
+            alone = stock(x[i : i + 1, : n[i]])
+            assert out_n[i] == alone.shape[1]
+            assert torch.allclose(out[i, : out_n[i]], alone[0], atol=1e-5)
+
+
+# --------------------------------------------------------------------------- #
+# Per-stage leaks, stock against padding-invariant, on the random recognizer
+# --------------------------------------------------------------------------- #
+def test_features_are_not_a_leak(random_asr, wavs):
+    for pi in (True, False):
+        assert diag.feature_leak(random_asr[pi], wavs) < 1e-5
+
+
+def test_stage_conv_boundary(random_asr, wavs):
+    assert diag.conv_boundary_leak(random_asr[False], wavs) > 1e-2
+    assert diag.conv_boundary_leak(random_asr[True], wavs) < 1e-4
+
+
+def test_stage_rnn(random_asr, wavs):
+    assert diag.rnn_leak(random_asr[False], wavs) > 1e-3
+    assert diag.rnn_leak(random_asr[True], wavs) < 1e-5
+
+
+def _rounding_victims(padded, hop=160, pool=4, count=3):
+    """Sample counts whose stock encoder length round(rel * T_enc) is wrong."""
+    t_enc = (padded // hop + 1) // pool
+    victims = []
+    for n in range(padded // 10, padded, 97):
+        rel = torch.tensor(n / padded)
+        if (n // hop + 1) // pool != int(torch.round(rel * t_enc)):
+            victims.append(n)
+    return victims[:: max(1, len(victims) // count)][:count]
+
+
+def test_stage_encoder_lengths(random_asr):
+    padded = 36877
+    lengths = [padded] + _rounding_victims(padded)
+    g = torch.Generator().manual_seed(4)
+    sub = [0.1 * torch.randn(n, generator=g) for n in lengths]
+    own, seen = diag.encoder_lengths(random_asr[False], sub)
+    assert sum(a != b for a, b in zip(own, seen)) == len(lengths) - 1
+    own, seen = diag.encoder_lengths(random_asr[True], sub)
+    assert own == seen
+    assert diag.encoder_leak(random_asr[True], sub) < 1e-4
+
+
+def test_stage_search_limits(random_asr, wavs):
+    """Identical encoder states, exact relative lengths: only the step limits differ.
+
+    A beam search without scorers keeps this check cheap; the end-to-end tests
+    run the published one (LM, coverage and CTC scorers).
+    """
+    enc = diag.lone_encoder_outputs(random_asr[True], wavs)
+    same, total, _, _, _ = diag.search_leak(_searcher(random_asr[True], False), enc)
+    assert same < total
+    same, total, diff, _, _ = diag.search_leak(_searcher(random_asr[True], True), enc)
+    assert same == total and diff < 1e-4
+
+
+def _searcher(asr, padding_invariant, kind="beam", eos_bias=0.0, **changes):
+    """A searcher over the recognizer's decoder, optionally pushed towards eos."""
+    stock = asr.mods.decoder
+    linear = copy.deepcopy(stock.fc)
+    with torch.no_grad():
+        linear.w.bias[stock.eos_index] += eos_bias
+    kwargs = dict(
+        embedding=stock.emb,
+        decoder=stock.dec,
+        linear=linear,
+        bos_index=stock.bos_index,
+        eos_index=stock.eos_index,
+        min_decode_ratio=changes.pop("min_decode_ratio", 0.0),
+        max_decode_ratio=changes.pop("max_decode_ratio", 1.0),
+    )
+    if kind == "greedy":
+        return rnn_greedy_searcher(padding_invariant=padding_invariant, **kwargs)
+    from sbtemplate.padding_invariant.selection import rnn_beam_searcher
+
+    kwargs.update(beam_size=4, eos_threshold=1.5)
+    kwargs.update(changes)
+    return rnn_beam_searcher(padding_invariant=padding_invariant, **kwargs)
+
+
+def test_stage_min_decode_steps_per_utterance(random_asr, wavs):
+    """With eos favoured, hypotheses end at the minimum: it must be each one's own."""
+    asr = random_asr[True]
+    enc = diag.lone_encoder_outputs(asr, wavs)
+    stock = _searcher(asr, False, eos_bias=8.0, min_decode_ratio=0.3)
+    same, total, _, _, _ = diag.search_leak(stock, enc)
+    assert same < total
+    fixed = _searcher(asr, True, eos_bias=8.0, min_decode_ratio=0.3)
+    same, total, diff, _, _ = diag.search_leak(fixed, enc)
+    assert same == total and diff < 1e-4
+
+
+def test_greedy_min_decode_steps_per_utterance(random_asr, wavs):
+    """The stock greedy searcher ignores the minimum (it shortens the step range
+    instead); the padding-invariant one blocks eos until each own minimum."""
+    asr = random_asr[True]
+    enc = diag.lone_encoder_outputs(asr, wavs)
+    stock = _searcher(asr, False, kind="greedy", eos_bias=8.0, min_decode_ratio=0.3)
+    _, _, _, _, lone = diag.search_leak(stock, enc)
+    assert all(len(h) == 0 for h in lone)
+    fixed = _searcher(asr, True, kind="greedy", eos_bias=8.0, min_decode_ratio=0.3)
+    same, total, diff, _, lone = diag.search_leak(fixed, enc)
+    assert same == total and diff < 1e-4
+    assert [len(h) for h in lone] == [int(e.shape[1] * 0.3) for e in enc]
+
+
+def test_stage_greedy_max_steps(random_asr, wavs):
+    asr = random_asr[True]
+    enc = diag.lone_encoder_outputs(asr, wavs)
+    same, total, _, _, _ = diag.search_leak(_searcher(asr, False, kind="greedy"), enc)
+    assert same < total
+    same, total, diff, _, _ = diag.search_leak(_searcher(asr, True, kind="greedy"), enc)
+    assert same == total and diff < 1e-4
+
+
+def test_searcher_without_exact_lengths_warns(random_asr, wavs):
+    asr = random_asr[True]
+    enc = diag.lone_encoder_outputs(asr, wavs[:2])
+    batch, rel = diag.pad_batch([e[0] for e in enc])  # a new tensor: no lengths
+    with pytest.warns(UserWarning, match="no exact frame lengths"):
+        asr.mods.decoder(batch, rel)
+
+
+# --------------------------------------------------------------------------- #
+# End to end: transcribe_batch at batch size 1, 8 and dynamic batches
+# --------------------------------------------------------------------------- #
+def _decodings(asr, wavs, durations, dynamic=True):
+    n = len(wavs)
+    out = {
+        "bs1": decode(asr, wavs, fixed_size_batches(n, 1)),
+        "bs8": decode(asr, wavs, fixed_size_batches(n, 8)),
+    }
+    if dynamic:
+        batches = dynamic_batches(durations, max_batch_length=4.0)
+        assert len({len(b) for b in batches}) > 1, "batches of several sizes"
+        out["dynamic"] = decode(asr, wavs, batches)
+    return out
+
+
+def _check(decodings, refs, invariant):
+    ref = decodings["bs1"]
+    ref_wer = wer(refs, ref["words"])
+    for name in [k for k in decodings if k != "bs1"]:
+        cmp = compare(ref, decodings[name])
+        if invariant:
+            assert cmp["identical"] == cmp["total"], (name, cmp)
+            assert cmp["max_score_diff"] < 1e-4, (name, cmp)
+            assert wer(refs, decodings[name]["words"]) == ref_wer
+            assert decodings[name]["words"] == ref["words"]
+    if not invariant:
+        cmp = compare(ref, decodings["bs8"])
+        assert cmp["identical"] < cmp["total"], "the stock classes should leak here"
+
+
+@pytest.fixture(scope="module")
+def random_refs():
+    rng = random.Random(3)
+    words = ["nako", "fumi", "gize", "tora", "lepi", "sado"]
+    return [" ".join(rng.choice(words) for _ in range(4)) for _ in LENGTHS_S]
+
+
+def test_batch_matches_batch_size_one_random_model(random_asr, wavs, random_refs):
+    assert isinstance(random_asr[True].mods.decoder, PaddingInvariantS2SRNNBeamSearcher)
+    _check(_decodings(random_asr[True], wavs, LENGTHS_S), random_refs, invariant=True)
+
+
+def test_stock_classes_differ_random_model(random_asr, wavs, random_refs):
+    assert not diag.is_padding_invariant(random_asr[False])
+    _check(
+        _decodings(random_asr[False], wavs, LENGTHS_S, dynamic=False),
+        random_refs,
+        invariant=False,
+    )
+
+
+def test_padding_past_the_longest_utterance(random_asr, wavs):
+    """Extra padding after the longest utterance (e.g. to a multiple) changes nothing."""
+    asr = random_asr[True]
+    sub = wavs[:4]
+    sig, rel = diag.pad_batch(sub)
+    L = sig.shape[1]
+    extra = torch.cat([sig, torch.randn(len(sub), 8000)], dim=1)  # non-zero junk
+    rel_extra = rel * L / extra.shape[1]
+    with torch.no_grad():
+        _, tok_a = asr.transcribe_batch(sig, rel)
+        _, tok_b = asr.transcribe_batch(extra, rel_extra)
+    assert [list(map(int, t)) for t in tok_a] == [list(map(int, t)) for t in tok_b]
+
+
+# --------------------------------------------------------------------------- #
+# Trained tiny model
+# --------------------------------------------------------------------------- #
+def _tiny_paths(request):
+    try:
+        return request.getfixturevalue("tiny_build")
+    except pytest.FixtureLookupError:
+        return ProfilePaths.for_profile("tiny")
+
+
+def _test_manifest(paths):
+    candidates = sorted(paths.manifests.glob("*test*.json"))
+    return candidates[0] if candidates else None
+
+
+@pytest.fixture(scope="module")
+def tiny(request, tmp_path_factory):
+    paths = _tiny_paths(request)
+    manifest = _test_manifest(paths)
+    if not (paths.model_dir / "hyperparams.yaml").is_file() or manifest is None:
+        pytest.skip(
+            f"trained tiny model not built ({paths.model_dir}); "
+            "run `python -m sbtemplate.build --profile tiny`"
+        )
+    import soundfile as sf
+
+    entries = json.loads(manifest.read_text())
+    items = sorted(entries.items())
+    # the 12 most different lengths: alternate short and long
+    items.sort(key=lambda kv: kv[1]["length"])
+    pick = []
+    while items and len(pick) < 12:
+        pick.append(items.pop(0))
+        if items:
+            pick.append(items.pop())
+    wavs, refs, durations = [], [], []
+    for _, e in pick:
+        path = e["wav"].replace("{data_root}", str(paths.corpus))
+        audio, sr = sf.read(path, dtype="float32")
+        wavs.append(torch.from_numpy(audio))
+        refs.append(e["words"])
+        durations.append(e["length"])
+    asr = {
+        pi: _load(paths.model_dir, tmp_path_factory.mktemp(f"tiny_{pi}"), pi)
+        for pi in (True, False)
+    }
+    return {"asr": asr, "wavs": wavs, "refs": refs, "durations": durations}
+
+
+def test_batch_matches_batch_size_one_trained_tiny(tiny):
+    d = _decodings(tiny["asr"][True], tiny["wavs"], tiny["durations"])
+    _check(d, tiny["refs"], invariant=True)
+
+
+def test_stages_trained_tiny(tiny):
+    fixed, stock = tiny["asr"][True], tiny["asr"][False]
+    wavs = tiny["wavs"]
+    assert diag.conv_boundary_leak(stock, wavs) > 1e-3
+    assert diag.conv_boundary_leak(fixed, wavs) < 1e-4
+    assert diag.rnn_leak(stock, wavs) > 1e-4
+    assert diag.rnn_leak(fixed, wavs) < 1e-5
+    own, seen = diag.encoder_lengths(fixed, wavs)
+    assert own == seen
+    same, total, diff, _, _ = diag.search_leak(
+        fixed.mods.decoder, diag.lone_encoder_outputs(fixed, wavs)
+    )
+    assert same == total and diff < 1e-4
+
+
+def test_stock_classes_on_trained_tiny_report(tiny):
+    """The stock classes on the same utterances (recorded, not required to differ:
+    a trained model may end every hypothesis before the step limit)."""
+    d = _decodings(tiny["asr"][False], tiny["wavs"], tiny["durations"], dynamic=False)
+    cmp = compare(d["bs1"], d["bs8"])
+    assert cmp["total"] == len(tiny["wavs"])
