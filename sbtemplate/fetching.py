@@ -437,9 +437,16 @@ def _ddp_world():
 
 def _fetch_coordinated(dist, args):
     """Rank 0 fetches (and downloads); the others wait, then load from the cache."""
-    from speechbrain.utils.distributed import MainProcessContext
+    from speechbrain.utils.distributed import MainProcessContext, if_main_process
 
-    if dist.get_rank() == 0:
+    is_main = dist.get_rank() == 0
+    if is_main != if_main_process():
+        # SpeechBrain picks its main process from the RANK environment variable.
+        raise RuntimeError(
+            f"torch.distributed rank {dist.get_rank()} disagrees with RANK="
+            f"{os.environ.get('RANK')!r}: launch with torchrun (or set RANK/LOCAL_RANK)"
+        )
+    if is_main:
         error = None
         try:
             # MainProcessContext: SpeechBrain's own main_process_only helpers
@@ -888,3 +895,136 @@ def _describe(exc, request):
     if "allow_network" in str(exc):
         return "not in the local cache, and network access is disabled"
     return f"{type(exc).__name__}: {exc}"
+
+
+# ---------------------------------------------------------------------------
+# Configurations that declare sources (finetune.yaml)
+# ---------------------------------------------------------------------------
+
+ENDPOINT_MODES = ("loopback", "public")
+
+
+@dataclasses.dataclass
+class Endpoints:
+    """Where a configuration's Hub and URL sources point, once resolved."""
+
+    mode: str
+    hub_endpoint: str
+    url_base: str
+    overrides: dict
+    served: object = None  # sbtemplate.servers.Served in loopback mode
+
+    def describe(self):
+        where = "loopback servers" if self.mode == "loopback" else "public endpoints"
+        return f"{where}: Hub {self.hub_endpoint}, URLs {self.url_base}/<file>"
+
+
+def _plain_overrides(overrides):
+    if overrides is None or overrides == "":
+        return {}
+    if isinstance(overrides, dict):
+        return dict(overrides)
+    import ruamel.yaml
+
+    loaded = ruamel.yaml.YAML(typ="safe", pure=True).load(overrides)
+    return dict(loaded or {})
+
+
+def read_plain_keys(hparams_file, keys, overrides=None):
+    """Read top-level keys of a HyperPyYAML file without building anything.
+
+    Plain scalars are returned as they are; ``!ref <key>`` (with text around
+    it) is resolved against the other top-level keys and the overrides.
+    Nothing is imported or instantiated, so this can run before the Hub
+    endpoint is configured.
+    """
+    import re
+
+    import ruamel.yaml
+
+    text = Path(hparams_file).read_text()
+    document = ruamel.yaml.YAML(typ="rt").load(text) or {}
+    given = _plain_overrides(overrides)
+
+    def value_of(key, depth=0):
+        if key in given:
+            return given[key]
+        if key not in document or depth > 20:
+            raise KeyError(f"{key!r} is not a top-level key of {hparams_file}")
+        node = document[key]
+        tag = getattr(getattr(node, "tag", None), "value", None) or getattr(node, "tag", None)
+        if isinstance(tag, str) and tag.startswith("!"):
+            if tag != "!ref":
+                raise ValueError(f"{key!r} in {hparams_file} must be a plain value or a !ref")
+            return re.sub(
+                r"<([^<>]+)>", lambda m: str(value_of(m.group(1), depth + 1)), str(node.value)
+            )
+        return node
+
+    return {key: value_of(key) for key in keys}
+
+
+@contextmanager
+def fetch_endpoints(hparams_file, overrides=None, *, cache_dir=None):
+    """Resolve the endpoints of a configuration with ``fetch_endpoints``.
+
+    ``loopback`` starts the Hub and URL servers over the profile's folder
+    named like the repo id; ``public`` uses ``public_hub_endpoint``. In both
+    cases the Hub client is pointed at the endpoint, the fetch hook is
+    installed, and the yielded :class:`Endpoints` carries the overrides
+    (``hub_endpoint``, ``url_base``, ``artifacts``) to load the file with.
+    The servers stop on exit.
+    """
+    from sbtemplate import servers
+    from sbtemplate.paths import ProfilePaths, artifacts_root
+
+    given = _plain_overrides(overrides)
+    given.setdefault("artifacts", str(artifacts_root()))
+    keys = read_plain_keys(
+        hparams_file,
+        ("fetch_endpoints", "profile", "artifacts", "repo_id", "hub_repo_id", "public_hub_endpoint"),
+        given,
+    )
+    mode = str(keys["fetch_endpoints"])
+    if mode not in ENDPOINT_MODES:
+        raise ValueError(f"fetch_endpoints must be one of {ENDPOINT_MODES}, got {mode!r}")
+    hub_repo_id = str(keys["hub_repo_id"])
+    if mode == "public":
+        hub = str(keys["public_hub_endpoint"]).rstrip("/")
+        given.update(hub_endpoint=hub, url_base=f"{hub}/{hub_repo_id}/resolve/main")
+        setup(hub_endpoint=hub, cache_dir=cache_dir)
+        yield Endpoints(mode, hub, given["url_base"], given)
+        return
+    paths = ProfilePaths.for_profile(str(keys["profile"]), root=keys["artifacts"])
+    folder = paths.local_repo
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"Nothing to serve: {folder} does not exist (build the '{paths.profile}' profile "
+            f"with python -m sbtemplate.build --profile {paths.profile})"
+        )
+    with servers.serve(folder, hub_repo_id) as served:
+        given.update(hub_endpoint=served.hub_endpoint, url_base=served.url_base)
+        setup(hub_endpoint=served.hub_endpoint, cache_dir=cache_dir)
+        yield Endpoints(mode, served.hub_endpoint, served.url_base, given, served)
+
+
+PRETRAINER_KEYS = ("pretrainer_asr", "pretrainer_lm", "pretrainer_tokenizer")
+
+
+def collect_pretrained(hparams, keys=PRETRAINER_KEYS, load=True):
+    """Collect (and load) the Pretrainers named ``keys`` of loaded hparams.
+
+    Every rank calls this: fetching is coordinated inside (one download,
+    errors everywhere). Returns {pretrainer key: {loadable: local path}}.
+    """
+    if not installed():
+        raise RuntimeError("call sbtemplate.fetching.setup() (or fetch_endpoints()) first")
+    collected = {}
+    for key in keys:
+        pretrainer = hparams[key]
+        if pretrainer.collect_in is not None:  # Pretrainer creates only the last level
+            pretrainer.collect_in.mkdir(parents=True, exist_ok=True)
+        collected[key] = {name: str(path) for name, path in pretrainer.collect_files().items()}
+        if load:
+            pretrainer.load_collected()
+    return collected

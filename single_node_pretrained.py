@@ -1,0 +1,173 @@
+#!/usr/bin/env python3
+"""Single-node check of the pretrained interface with mixed fetching.
+
+1. ``EncoderDecoderASR.from_hparams`` from the Hub (``FetchSource``) with
+   ``download_only=True``, then loaded from the cache with run options, and
+   ``transcribe_file`` on the example wav fetched from the Hub via FetchSource;
+2. the same with a plain string source and a ``savedir``.
+
+By default the Hub is the project's loopback Hub server publishing the
+profile's recognizer (sbtemplate.servers); ``--fetch_endpoints public`` uses
+huggingface.co instead (see docs/fetching.md). Prints what was fetched from
+where and the transcripts; exits 0 when all is well, 1 when a check fails and
+2 when fetching fails (one clear message).
+
+    python single_node_pretrained.py --profile tiny
+"""
+
+import argparse
+import contextlib
+import json
+import logging
+import sys
+from pathlib import Path
+
+# Only modules that do not import huggingface_hub before the endpoint is set.
+from sbtemplate import fetching, servers
+from sbtemplate.paths import REPO_ID, ProfilePaths
+
+logger = logging.getLogger("single_node_pretrained")
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--profile", default="full", choices=("tiny", "full"))
+    parser.add_argument("--artifacts", help="artefacts root (default: SBTEMPLATE_ARTIFACTS or ./artifacts)")
+    parser.add_argument("--fetch_endpoints", default="loopback", choices=fetching.ENDPOINT_MODES)
+    parser.add_argument("--public_hub_endpoint", default=fetching.PUBLIC_HUB_ENDPOINT)
+    parser.add_argument("--repo_id", default=REPO_ID, help="Hub repo of the recognizer")
+    parser.add_argument("--example", help="example wav in the repo (default: the first one listed)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--cache_dir", help="fetch cache (default: <profile>/fetch-cache)")
+    parser.add_argument("--savedir", help="savedir of case 2 (default: <profile>/pretrained_models/<repo>)")
+    parser.add_argument("--offline", action="store_true", help="fetch from the cache only")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    return parser.parse_args(argv)
+
+
+@contextlib.contextmanager
+def hub_for(args, paths):
+    """Yields the Hub endpoint, serving the profile's recognizer when loopback."""
+    if args.fetch_endpoints == "public":
+        yield args.public_hub_endpoint.rstrip("/")
+        return
+    with servers.serve(paths.local_repo, args.repo_id) as served:
+        print(f"Serving {paths.local_repo} as {args.repo_id} at {served.hub_endpoint}")
+        yield served.hub_endpoint
+
+
+def example_wav(repo_id, wanted):
+    """The example wav to transcribe, chosen from the repo's manifest."""
+    from speechbrain.utils.fetching import FetchFrom, FetchSource, fetch
+
+    manifest = json.loads(Path(fetch("manifest.json", FetchSource(FetchFrom.HUGGING_FACE, repo_id))).read_text())
+    wavs = sorted(name for name in manifest if name.endswith(".wav"))
+    if wanted:
+        if wanted not in manifest:
+            raise SystemExit(f"{wanted} is not published in {repo_id} (have: {', '.join(wavs) or 'no wavs'})")
+        return wanted, manifest
+    if not wavs:
+        raise SystemExit(f"{repo_id} publishes no example wav")
+    return wavs[0], manifest
+
+
+def reference_text(repo_id, wav, manifest):
+    """The example's transcript, if the repo publishes one as <wav stem>.txt."""
+    from speechbrain.utils.fetching import FetchFrom, FetchSource, fetch
+
+    name = Path(wav).with_suffix(".txt").name
+    if name not in manifest:
+        return None
+    return Path(fetch(name, FetchSource(FetchFrom.HUGGING_FACE, repo_id))).read_text().strip()
+
+
+def word_errors(reference, hypothesis):
+    from speechbrain.utils.edit_distance import wer_details_for_batch
+
+    details = wer_details_for_batch(["x"], [reference.split()], [hypothesis.split()])[0]
+    return details["num_edits"], details["num_ref_tokens"]
+
+
+def run_checks(args, paths):
+    # Imported here: the Hub endpoint is configured by now.
+    from speechbrain.inference.ASR import EncoderDecoderASR
+    from speechbrain.utils.fetching import FetchFrom, FetchSource, guess_source
+
+    repo = args.repo_id
+    run_opts = {"device": args.device}
+    problems = []
+    wav, manifest = example_wav(repo, args.example)
+
+    def new_records(start):
+        return fetching.fetch_log[start:]
+
+    print(f"\n== Case 1: from_hparams(FetchSource(HUGGING_FACE, {repo!r})), download_only, then load")
+    start = len(fetching.fetch_log)
+    EncoderDecoderASR.from_hparams(source=FetchSource(FetchFrom.HUGGING_FACE, repo), download_only=True)
+    downloaded = new_records(start)
+    start = len(fetching.fetch_log)
+    asr = EncoderDecoderASR.from_hparams(source=FetchSource(FetchFrom.HUGGING_FACE, repo), run_opts=run_opts)
+    loaded = new_records(start)
+    start = len(fetching.fetch_log)
+    text_1 = asr.transcribe_file(FetchSource(FetchFrom.HUGGING_FACE, f"{repo}/{wav}"))
+    audio = new_records(start)
+    for record in downloaded + loaded + audio:
+        print("  " + record.describe())
+    if {r.kind for r in downloaded + loaded + audio} != {fetching.KIND_HUB}:
+        problems.append("case 1 fetched from somewhere else than the Hub")
+    if any(r.status == "downloaded" for r in loaded):
+        problems.append("loading after download_only downloaded again")
+    print(f"  transcript: {text_1!r}")
+
+    savedir = Path(args.savedir) if args.savedir else paths.root / "pretrained_models" / repo.split("/")[-1]
+    guessed = guess_source(repo)[0]
+    print(f"\n== Case 2: from_hparams({repo!r}) (a plain string, taken as {guessed.name}), savedir={savedir}")
+    start = len(fetching.fetch_log)
+    asr_2 = EncoderDecoderASR.from_hparams(source=repo, savedir=str(savedir), run_opts=run_opts)
+    text_2 = asr_2.transcribe_file(f"{repo}/{wav}", savedir=str(savedir))
+    for record in new_records(start):
+        print("  " + record.describe())
+    print(f"  transcript: {text_2!r}")
+
+    if not text_1.strip() or not text_2.strip():
+        problems.append("an empty transcript")
+    if text_1 != text_2:
+        problems.append("the two cases transcribe the example differently")
+    reference = reference_text(repo, wav, manifest)
+    if reference is not None:
+        edits, words = word_errors(reference.upper(), text_1.upper())
+        print(f"\n  reference : {reference!r}\n  word errors: {edits}/{words}")
+    return problems
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    level = logging.INFO if args.verbose else logging.WARNING
+    logging.basicConfig(level=level)
+    logging.getLogger("speechbrain").setLevel(level)
+    root = Path(args.artifacts) if args.artifacts else None
+    paths = ProfilePaths.for_profile(args.profile, root=root)
+    if args.fetch_endpoints == "loopback" and not paths.local_repo.is_dir():
+        print(
+            f"{paths.local_repo} does not exist: build the profile first "
+            f"(python -m sbtemplate.build --profile {args.profile})",
+            file=sys.stderr,
+        )
+        return 2
+    cache = Path(args.cache_dir) if args.cache_dir else paths.root / "fetch-cache"
+    try:
+        with hub_for(args, paths) as endpoint:
+            fetching.setup(hub_endpoint=endpoint, cache_dir=cache, allow_network=not args.offline)
+            problems = run_checks(args, paths)
+    except fetching.FetchError as error:
+        print(f"\nFETCH FAILED: {error}", file=sys.stderr)
+        return 2
+    if problems:
+        print("\nFAILED: " + "; ".join(problems), file=sys.stderr)
+        return 1
+    print("\nOK: fetched from the Hub, loaded with run options, transcribed twice alike.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""finetune.yaml's sources: ASR from the local folder named like the repo id,
+LM from the (loopback) Hub, tokenizer from a URL, through real Pretrainers."""
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from fetch_helpers import fake_repo, file_bytes  # noqa: F401 - fixture
+from network_guard import _forbid_network  # noqa: F401 - autouse fixture
+from sbtemplate import fetching
+from sbtemplate.paths import REPO_ID, ProfilePaths
+
+FINETUNE = Path(__file__).resolve().parent.parent / "finetune.yaml"
+
+# Stand-ins for the model section: collecting only needs the loadable keys.
+STUB_MODEL = """
+asr_model: !new:torch.nn.Linear [1, 1]
+normalizer: !new:torch.nn.Linear [1, 1]
+lm_model: !new:torch.nn.Linear [1, 1]
+tokenizer: !new:torch.nn.Linear [1, 1]
+"""
+
+
+def section(name, text=None):
+    text = text if text is not None else FINETUNE.read_text()
+    match = re.search(rf"# >>> {name} >>>.*?\n(.*?)# <<< {name} <<<", text, re.S)
+    assert match, f"section {name!r} missing from finetune.yaml"
+    return match.group(1)
+
+
+def sources_and_pretrainers():
+    return section("fetch sources") + STUB_MODEL + section("pretrainers")
+
+
+@pytest.fixture
+def artifacts(tmp_path, fake_repo):
+    """A profile tree like the builder's, with the model folder and its repo-id symlink."""
+    paths = ProfilePaths.for_profile("tiny", root=tmp_path / "artifacts")
+    paths.model_dir.parent.mkdir(parents=True)
+    os.symlink(fake_repo, paths.model_dir, target_is_directory=True)
+    paths.local_repo.parent.mkdir(parents=True)
+    os.symlink(os.path.relpath(paths.model_dir, paths.local_repo.parent), paths.local_repo)
+    return paths
+
+
+@pytest.fixture
+def restored_fetching():
+    """fetch_endpoints() configures the process; put everything back afterwards."""
+    with fetching.hub_endpoint(fetching.current_hub_endpoint()), fetching.policy():
+        try:
+            yield
+        finally:
+            fetching.uninstall()
+
+
+def test_plain_keys_are_read_without_importing_anything():
+    keys = fetching.read_plain_keys(
+        FINETUNE, ("fetch_endpoints", "profile", "local_repo", "hub_repo_id"), {"profile": "tiny"}
+    )
+    assert keys["fetch_endpoints"] == "loopback"
+    assert keys["local_repo"] == f"artifacts/tiny/{REPO_ID}"
+    assert keys["hub_repo_id"] == REPO_ID
+
+
+def test_three_sources_through_pretrainers(artifacts, fake_repo, tmp_path, restored_fetching):
+    from hyperpyyaml import load_hyperpyyaml
+
+    overrides = {"profile": "tiny", "artifacts": str(artifacts.root.parent)}
+    with fetching.fetch_endpoints(FINETUNE, overrides, cache_dir=tmp_path / "cache") as ep:
+        assert ep.mode == "loopback" and ep.hub_endpoint.startswith("http://127.0.0.1:")
+        hparams = load_hyperpyyaml(sources_and_pretrainers(), ep.overrides)
+        from speechbrain.utils.fetching import FetchFrom
+
+        assert hparams["asr_source"].FetchFrom is FetchFrom.LOCAL
+        assert hparams["lm_source"].FetchFrom is FetchFrom.HUGGING_FACE
+        assert hparams["tokenizer_source"].FetchFrom is FetchFrom.URI
+        assert Path(hparams["asr_source"].path).parent == artifacts.local_repo
+
+        del fetching.fetch_log[:]
+        collected = fetching.collect_pretrained(hparams, load=False)
+        kinds = {r.filename: (r.kind, r.status) for r in fetching.fetch_log}
+        assert kinds == {
+            "asr.ckpt": ("local", "local"),
+            "normalizer.ckpt": ("local", "local"),
+            "lm.ckpt": ("huggingface", "downloaded"),
+            "tokenizer.ckpt": ("url", "downloaded"),
+        }
+        assert len(ep.served.hub.gets("/lm.ckpt")) == 1
+        assert len(ep.served.urls.gets("/tokenizer.ckpt")) == 1
+        folder = Path(hparams["pretrained_folder"])
+        for name in ("asr", "normalizer", "lm", "tokenizer"):
+            assert file_bytes(folder / f"{name}.ckpt") == (fake_repo / f"{name}.ckpt").read_bytes()
+        assert set(collected) == {"pretrainer_asr", "pretrainer_lm", "pretrainer_tokenizer"}
+
+        # The fetch-everything-once variant finds it all in place.
+        ep.served.hub.clear_log()
+        ep.served.urls.clear_log()
+        hparams["pretrainer_all"].collect_files()
+        assert ep.served.hub.gets() == [] and ep.served.urls.requests == []
+
+
+def test_public_mode_is_one_setting(tmp_path, restored_fetching):
+    overrides = {"profile": "tiny", "fetch_endpoints": "public"}
+    with fetching.fetch_endpoints(FINETUNE, overrides, cache_dir=tmp_path / "cache") as ep:
+        assert ep.hub_endpoint == "https://huggingface.co"
+        assert ep.url_base == f"https://huggingface.co/{REPO_ID}/resolve/main"
+        assert fetching.current_hub_endpoint() == "https://huggingface.co"
+        assert ep.served is None
+
+
+def test_unknown_endpoint_mode_is_refused(restored_fetching):
+    with pytest.raises(ValueError, match="fetch_endpoints must be one of"):
+        with fetching.fetch_endpoints(FINETUNE, {"fetch_endpoints": "moon"}):
+            pass
