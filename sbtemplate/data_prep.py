@@ -102,7 +102,7 @@ def _write_json_atomic(path, data):
 
 
 def write_augmentation_csv(folder, csv_file):
-    """SpeechBrain's noise/RIR CSV (ID, duration, wav) for every audio file in ``folder``."""
+    """SpeechBrain's extended noise/RIR CSV for every audio file in ``folder``."""
     folder = Path(folder)
     files = sorted(p for p in folder.iterdir() if p.suffix in AUDIO_EXTENSIONS)
     if not files:
@@ -112,10 +112,13 @@ def write_augmentation_csv(folder, csv_file):
     tmp = csv_file.with_name(csv_file.name + ".tmp")
     with open(tmp, "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["ID", "duration", "wav"])
+        writer.writerow(["ID", "duration", "wav", "wav_format", "wav_opts"])
         for path in files:
             info = sf.info(str(path))
-            writer.writerow([path.stem, info.frames / info.samplerate, str(path.resolve())])
+            writer.writerow([
+                path.stem, info.frames / info.samplerate, str(path.resolve()),
+                path.suffix.lstrip("."), "",
+            ])
     tmp.replace(csv_file)
 
 

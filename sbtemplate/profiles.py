@@ -45,7 +45,7 @@ PROFILES = {
         "asr": {"number_of_epochs": 2, "number_of_ctc_epochs": 1, "batch_size": 8},
         # smaller network, same architecture and code
         "model_overrides": {
-            "cnn_channels": "(8, 16)",
+            "cnn_channels": (8, 16),
             "rnn_neurons": 32,
             "dnn_neurons": 32,
             "emb_size": 16,

@@ -1,0 +1,224 @@
+"""Training of the base recognizer's three pieces: tokenizer, RNNLM, CRDNN ASR.
+
+These follow SpeechBrain's ``templates/speech_recognition`` recipes (Tokenizer,
+LM and ASR) with the same classes, scaled down to train on two CPU cores from
+the synthetic corpus. ``sbtemplate.build`` calls them in order and publishes
+the result in the layout ``EncoderDecoderASR.from_hparams`` loads.
+"""
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import sentencepiece as spm
+import speechbrain as sb
+import torch
+from speechbrain.tokenizers.SentencePiece import SentencePiece
+
+logger = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------- tokenizer --
+def train_tokenizer(out_dir, text_lines, vocab_size):
+    """Train SpeechBrain's SentencePiece wrapper (unigram) and return the model path.
+
+    Ids: 0 = unk (shared with the CTC blank), 1 = bos, 2 = eos, as the
+    template's ASR hyperparameters expect.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    text_file = out_dir / "tokenizer_train.txt"
+    text_file.write_text("\n".join(text_lines) + "\n")
+    # SentencePiece reads its training text from a CSV/JSON annotation; a
+    # one-column JSON keeps it simple.
+    annotation = out_dir / "tokenizer_train.json"
+    annotation.write_text(
+        json.dumps({f"s{i}": {"words": line} for i, line in enumerate(text_lines)})
+    )
+    SentencePiece(
+        model_dir=str(out_dir),
+        vocab_size=vocab_size,
+        annotation_train=str(annotation),
+        annotation_read="words",
+        annotation_format="json",
+        model_type="unigram",
+        character_coverage=1.0,
+        bos_id=1,
+        eos_id=2,
+        unk_id=0,
+    )
+    model = out_dir / f"{vocab_size}_unigram.model"
+    if not model.is_file():
+        raise RuntimeError(f"SentencePiece did not write {model}")
+    return model
+
+
+def load_tokenizer(model_file):
+    tokenizer = spm.SentencePieceProcessor()
+    tokenizer.load(str(model_file))
+    return tokenizer
+
+
+# ----------------------------------------------------------------------- LM --
+def lm_text_dataset(sentences, tokenizer, bos_index, eos_index, prefix="s"):
+    """A DynamicItemDataset of sentences → tokens_bos / tokens_eos for LM training."""
+    data = {f"{prefix}{i:06d}": {"words": s} for i, s in enumerate(sentences)}
+    dataset = sb.dataio.dataset.DynamicItemDataset(data)
+
+    @sb.utils.data_pipeline.takes("words")
+    @sb.utils.data_pipeline.provides("tokens_bos", "tokens_eos")
+    def text_pipeline(words):
+        tokens = tokenizer.encode_as_ids(words)
+        yield torch.LongTensor([bos_index] + tokens)
+        yield torch.LongTensor(tokens + [eos_index])
+
+    sb.dataio.dataset.add_dynamic_item([dataset], text_pipeline)
+    sb.dataio.dataset.set_output_keys([dataset], ["id", "tokens_bos", "tokens_eos"])
+    return dataset
+
+
+class LMBrain(sb.core.Brain):
+    """Next-token NLL on tokenised text (SpeechBrain's LM template recipe)."""
+
+    def compute_forward(self, batch, stage):
+        batch = batch.to(self.device)
+        tokens_bos, _ = batch.tokens_bos
+        logits = self.modules.model(tokens_bos)
+        return self.hparams.log_softmax(logits)
+
+    def compute_objectives(self, predictions, batch, stage):
+        tokens_eos, tokens_len = batch.tokens_eos
+        return self.hparams.compute_cost(predictions, tokens_eos, length=tokens_len)
+
+    def on_stage_end(self, stage, stage_loss, epoch=None):
+        stats = {"loss": stage_loss, "perplexity": math.exp(min(stage_loss, 50.0))}
+        if stage == sb.Stage.TRAIN:
+            self.train_stats = stats
+        elif stage == sb.Stage.VALID:
+            old_lr, new_lr = self.hparams.lr_annealing(stage_loss)
+            sb.nnet.schedulers.update_learning_rate(self.optimizer, new_lr)
+            self.hparams.train_logger.log_stats(
+                stats_meta={"epoch": epoch, "lr": old_lr},
+                train_stats=self.train_stats,
+                valid_stats=stats,
+            )
+            self.checkpointer.save_and_keep_only(meta=stats, min_keys=["loss"])
+        self.last_stats = stats
+
+
+# ---------------------------------------------------------------------- ASR --
+def asr_datasets(hparams, tokenizer):
+    """Train/valid DynamicItemDatasets from the JSON descriptors ({data_root} filled in)."""
+    datasets = {}
+    for name in ("train", "valid"):
+        dataset = sb.dataio.dataset.DynamicItemDataset.from_json(
+            json_path=hparams[f"{name}_annotation"],
+            replacements={"data_root": hparams["data_root"]},
+        )
+        datasets[name] = dataset.filtered_sorted(sort_key="length")
+
+    @sb.utils.data_pipeline.takes("wav")
+    @sb.utils.data_pipeline.provides("sig")
+    def audio_pipeline(wav):
+        return sb.dataio.dataio.read_audio(wav)
+
+    @sb.utils.data_pipeline.takes("words")
+    @sb.utils.data_pipeline.provides("words", "tokens_bos", "tokens_eos", "tokens")
+    def text_pipeline(words):
+        yield words
+        tokens = tokenizer.encode_as_ids(words)
+        yield torch.LongTensor([hparams["bos_index"]] + tokens)
+        yield torch.LongTensor(tokens + [hparams["eos_index"]])
+        yield torch.LongTensor(tokens)
+
+    sets = list(datasets.values())
+    sb.dataio.dataset.add_dynamic_item(sets, audio_pipeline)
+    sb.dataio.dataset.add_dynamic_item(sets, text_pipeline)
+    sb.dataio.dataset.set_output_keys(
+        sets, ["id", "sig", "words", "tokens_bos", "tokens_eos", "tokens"]
+    )
+    return datasets
+
+
+def pad_to_multiple(wavs, wav_lens, multiple):
+    """Zero-pad the batch's time axis up to a multiple of ``multiple`` samples.
+
+    Relative lengths are rescaled so they still point at the same samples. A
+    handful of distinct shapes keeps CPU kernels warm during training.
+    """
+    total = wavs.shape[1]
+    padded = int(math.ceil(total / multiple) * multiple)
+    if padded == total:
+        return wavs, wav_lens
+    wavs = torch.nn.functional.pad(wavs, (0, padded - total))
+    return wavs, wav_lens * total / padded
+
+
+class ASRBrain(sb.core.Brain):
+    """CTC + attention training of the CRDNN recognizer (SpeechBrain's ASR template)."""
+
+    def compute_forward(self, batch, stage):
+        batch = batch.to(self.device)
+        wavs, wav_lens = batch.sig
+        tokens_bos, _ = batch.tokens_bos
+        if stage == sb.Stage.TRAIN:
+            wavs = self.hparams.augment(wavs, wav_lens)[0] if self.hparams.augment_prob > 0 else wavs
+            wavs, wav_lens = pad_to_multiple(wavs, wav_lens, self.hparams.pad_to_multiple)
+        feats = self.hparams.compute_features(wavs)
+        feats = self.modules.normalize(feats, wav_lens)
+        encoded = self.modules.encoder(feats.detach())
+        embedded = self.modules.embedding(tokens_bos)
+        decoded, _ = self.modules.decoder(embedded, encoded, wav_lens)
+        logits = self.modules.seq_lin(decoded)
+        p_seq = self.hparams.log_softmax(logits)
+        p_ctc = None
+        if self.is_ctc_active(stage):
+            p_ctc = self.hparams.log_softmax(self.modules.ctc_lin(encoded))
+        hyps = None
+        if stage != sb.Stage.TRAIN:
+            hyps, _, _, _ = self.hparams.valid_search(encoded.detach(), wav_lens)
+        return p_ctc, p_seq, wav_lens, hyps
+
+    def is_ctc_active(self, stage):
+        if stage != sb.Stage.TRAIN:
+            return False
+        return self.hparams.epoch_counter.current <= self.hparams.number_of_ctc_epochs
+
+    def compute_objectives(self, predictions, batch, stage):
+        p_ctc, p_seq, wav_lens, hyps = predictions
+        tokens_eos, tokens_eos_lens = batch.tokens_eos
+        tokens, tokens_lens = batch.tokens
+        loss = self.hparams.seq_cost(p_seq, tokens_eos, length=tokens_eos_lens)
+        if p_ctc is not None:
+            loss_ctc = self.hparams.ctc_cost(p_ctc, tokens, wav_lens, tokens_lens)
+            loss = (1 - self.hparams.ctc_weight) * loss + self.hparams.ctc_weight * loss_ctc
+        if stage != sb.Stage.TRAIN:
+            predicted = [self.tokenizer.decode_ids(h).split(" ") for h in hyps]
+            target = [w.split(" ") for w in batch.words]
+            self.wer_metric.append(batch.id, predicted, target)
+            self.cer_metric.append(batch.id, predicted, target)
+        return loss
+
+    def on_stage_start(self, stage, epoch=None):
+        if stage != sb.Stage.TRAIN:
+            self.wer_metric = self.hparams.error_rate_computer()
+            self.cer_metric = self.hparams.cer_computer()
+
+    def on_stage_end(self, stage, stage_loss, epoch=None):
+        stats = {"loss": stage_loss}
+        if stage == sb.Stage.TRAIN:
+            self.train_stats = stats
+            return
+        stats["WER"] = self.wer_metric.summarize("error_rate")
+        stats["CER"] = self.cer_metric.summarize("error_rate")
+        if stage == sb.Stage.VALID:
+            old_lr, new_lr = self.hparams.lr_annealing(stats["WER"])
+            sb.nnet.schedulers.update_learning_rate(self.optimizer, new_lr)
+            self.hparams.train_logger.log_stats(
+                stats_meta={"epoch": epoch, "lr": old_lr},
+                train_stats=self.train_stats,
+                valid_stats=stats,
+            )
+            self.checkpointer.save_and_keep_only(meta=stats, min_keys=["WER"])
+        self.last_stats = stats

@@ -1,0 +1,310 @@
+"""Builds everything the template assumes exists, offline and cached.
+
+    python -m sbtemplate.build --profile full     # the main job's default
+    python -m sbtemplate.build --profile tiny     # what the tests use
+
+Stages: corpus → manifests → tokenizer → RNNLM → CRDNN ASR → publish →
+evaluate. Each stage works in a ``*.partial`` folder and renames it into place
+when done, with a ``DONE.json`` fingerprint; a later run reuses finished stages
+and redoes an interrupted one from scratch, so nothing half-written is ever
+mistaken for a finished artefact.
+"""
+
+import argparse
+import json
+import logging
+import os
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from sbtemplate.corpus.builder import SPEECH_SPLITS, build_corpus
+from sbtemplate.data_prep import prepare_corpus, read_text_lines
+from sbtemplate.manifest import write_manifest
+from sbtemplate.paths import SEED, ProfilePaths
+from sbtemplate.profiles import get_profile
+
+logger = logging.getLogger("sbtemplate.build")
+
+HPARAMS_DIR = Path(__file__).resolve().parent / "hparams"
+DONE = "DONE.json"
+# descriptor name -> split folder of the LibriSpeech layout
+DESCRIPTORS = {
+    "train": SPEECH_SPLITS["general_train"],
+    "valid": SPEECH_SPLITS["general_valid"],
+    "test_general": SPEECH_SPLITS["general_test"],
+    "test": SPEECH_SPLITS["target_test"],
+}
+EXAMPLE_WAV = "example.flac"
+
+
+def _stage(folder, fingerprint, work, force=False):
+    """Run ``work(tmp_folder)`` unless ``folder`` holds a matching DONE.json."""
+    folder = Path(folder)
+    marker = folder / DONE
+    if not force and marker.is_file():
+        try:
+            if json.loads(marker.read_text()) == fingerprint:
+                logger.info("Reusing %s", folder)
+                return folder
+        except ValueError:
+            pass
+    partial = folder.with_name(folder.name + ".partial")
+    if partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    work(partial)
+    (partial / DONE).write_text(json.dumps(fingerprint, sort_keys=True))
+    if folder.is_symlink() or folder.is_file():
+        folder.unlink()
+    elif folder.exists():
+        shutil.rmtree(folder)
+    partial.rename(folder)
+    return folder
+
+
+def _run_opts():
+    # The build always runs in one process, on the CPU unless CUDA is free to use.
+    device = "cuda:0" if torch.cuda.is_available() else "cpu"
+    return {"device": device, "debug": False}
+
+
+def _load_hparams(name, overrides):
+    from hyperpyyaml import load_hyperpyyaml
+
+    with open(HPARAMS_DIR / name) as handle:
+        return load_hyperpyyaml(handle, overrides)
+
+
+def _model_overrides(profile, vocab_size):
+    overrides = dict(get_profile(profile)["model_overrides"])
+    overrides["output_neurons"] = vocab_size
+    return overrides
+
+
+# ------------------------------------------------------------------ stages --
+def build_manifests(paths, cfg):
+    def work(tmp):
+        prepare_corpus(paths.corpus, tmp, DESCRIPTORS)
+        text = paths.corpus / "text"
+        train_words = [e["words"] for e in json.loads((tmp / "train.json").read_text()).values()]
+        (tmp / "lm_train.txt").write_text(
+            "\n".join(read_text_lines(text / "general_lm_train.txt") + train_words) + "\n"
+        )
+        shutil.copy(text / "general_lm_valid.txt", tmp / "lm_valid.txt")
+        shutil.copy(text / "target_lm_train.json", tmp / "target_lm_train.json")
+        shutil.copy(text / "target_lm_valid.json", tmp / "target_lm_valid.json")
+
+    # The noise/RIR CSVs hold absolute paths: they are rebuilt if the tree moves.
+    return _stage(paths.manifests, {"corpus": cfg["corpus"], "root": str(paths.root)}, work)
+
+
+def build_tokenizer(paths, cfg):
+    from sbtemplate.base_recognizer import train_tokenizer
+
+    vocab = cfg["tokenizer"]["vocab_size"]
+
+    def work(tmp):
+        train_tokenizer(tmp, read_text_lines(paths.manifests / "lm_train.txt"), vocab)
+
+    folder = _stage(paths.root / "tokenizer", {"corpus": cfg["corpus"], "tok": cfg["tokenizer"]}, work)
+    return folder / f"{vocab}_unigram.model"
+
+
+def build_lm(paths, cfg, tokenizer_file):
+    import speechbrain as sb
+
+    from sbtemplate.base_recognizer import LMBrain, lm_text_dataset, load_tokenizer
+
+    vocab = cfg["tokenizer"]["vocab_size"]
+    overrides = {k: v for k, v in _model_overrides(paths.profile, vocab).items() if k.startswith("lm_") or k == "output_neurons"}
+    fingerprint = {"corpus": cfg["corpus"], "tok": cfg["tokenizer"], "lm": cfg["lm"], "model": overrides}
+
+    def work(tmp):
+        hparams = _load_hparams(
+            "base_lm.yaml",
+            {**overrides, **cfg["lm"], "output_folder": str(tmp),
+             "train_annotation": str(paths.manifests / "lm_train.txt"),
+             "valid_annotation": str(paths.manifests / "lm_valid.txt")},
+        )
+        tokenizer = load_tokenizer(tokenizer_file)
+        train = lm_text_dataset(read_text_lines(hparams["train_annotation"]), tokenizer,
+                                hparams["bos_index"], hparams["eos_index"])
+        valid = lm_text_dataset(read_text_lines(hparams["valid_annotation"]), tokenizer,
+                                hparams["bos_index"], hparams["eos_index"])
+        brain = LMBrain(modules=hparams["modules"], opt_class=hparams["opt_class"],
+                        hparams=hparams, run_opts=_run_opts(), checkpointer=hparams["checkpointer"])
+        brain.fit(hparams["epoch_counter"], train, valid,
+                  train_loader_kwargs=hparams["train_dataloader_opts"],
+                  valid_loader_kwargs=hparams["valid_dataloader_opts"])
+        hparams["checkpointer"].recover_if_possible(min_key="loss")
+        torch.save(hparams["model"].state_dict(), tmp / "lm.ckpt")
+        (tmp / "lm_valid.json").write_text(json.dumps(brain.last_stats))
+
+    folder = _stage(paths.root / "lm", fingerprint, work)
+    return folder / "lm.ckpt"
+
+
+def build_asr(paths, cfg, tokenizer_file):
+    import speechbrain as sb
+
+    from sbtemplate.base_recognizer import ASRBrain, asr_datasets, load_tokenizer
+
+    vocab = cfg["tokenizer"]["vocab_size"]
+    overrides = _model_overrides(paths.profile, vocab)
+    fingerprint = {"corpus": cfg["corpus"], "tok": cfg["tokenizer"], "asr": cfg["asr"], "model": overrides}
+
+    def work(tmp):
+        hparams = _load_hparams(
+            "base_asr.yaml",
+            {**overrides, **cfg["asr"], "output_folder": str(tmp),
+             "train_annotation": str(paths.manifests / "train.json"),
+             "valid_annotation": str(paths.manifests / "valid.json"),
+             "data_root": str(paths.corpus / "LibriSpeech"),
+             "noise_annotation": str(paths.manifests / "noise.csv"),
+             "rir_annotation": str(paths.manifests / "rir.csv")},
+        )
+        tokenizer = load_tokenizer(tokenizer_file)
+        datasets = asr_datasets(hparams, tokenizer)
+        brain = ASRBrain(modules=hparams["modules"], opt_class=hparams["opt_class"],
+                         hparams=hparams, run_opts=_run_opts(), checkpointer=hparams["checkpointer"])
+        brain.tokenizer = tokenizer
+        brain.fit(hparams["epoch_counter"], datasets["train"], datasets["valid"],
+                  train_loader_kwargs=hparams["train_dataloader_opts"],
+                  valid_loader_kwargs=hparams["valid_dataloader_opts"])
+        hparams["checkpointer"].recover_if_possible(min_key="WER")
+        torch.save(hparams["model"].state_dict(), tmp / "asr.ckpt")
+        hparams["normalize"]._save(tmp / "normalizer.ckpt")
+        (tmp / "asr_valid.json").write_text(json.dumps(brain.last_stats))
+
+    return _stage(paths.experiment, fingerprint, work)
+
+
+def publish(paths, cfg, tokenizer_file, lm_file, experiment):
+    """Lay out the model folder as the Hub repo would, and link the repo-id folder to it."""
+    vocab = cfg["tokenizer"]["vocab_size"]
+    overrides = _model_overrides(paths.profile, vocab)
+    overrides["beam_size"] = cfg["eval"]["beam_size"]
+    model_dir = paths.model_dir
+    tmp = model_dir.with_name(model_dir.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    shutil.copy(experiment / "asr.ckpt", tmp / "asr.ckpt")
+    shutil.copy(experiment / "normalizer.ckpt", tmp / "normalizer.ckpt")
+    shutil.copy(lm_file, tmp / "lm.ckpt")
+    shutil.copy(tokenizer_file, tmp / "tokenizer.ckpt")
+    (tmp / "hyperparams.yaml").write_text(
+        published_hparams((HPARAMS_DIR / "inference.yaml").read_text(), overrides)
+    )
+    test = json.loads((paths.manifests / "test.json").read_text())
+    first = sorted(test)[0]
+    shutil.copy(
+        test[first]["wav"].replace("{data_root}", str(paths.corpus / "LibriSpeech")),
+        tmp / EXAMPLE_WAV,
+    )
+    (tmp / "example.txt").write_text(test[first]["words"] + "\n")
+    write_manifest(tmp)
+    if model_dir.exists():
+        shutil.rmtree(model_dir)
+    tmp.rename(model_dir)
+    link = paths.local_repo
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(os.path.relpath(model_dir, link.parent), target_is_directory=True)
+    return model_dir
+
+
+def published_hparams(text, overrides):
+    """inference.yaml with the trained sizes written into its top-level keys."""
+    for key, value in overrides.items():
+        pattern = re.compile(rf"^{re.escape(key)}:.*$", re.MULTILINE)
+        if not pattern.search(text):
+            raise KeyError(f"inference.yaml has no top-level key {key!r}")
+        text = pattern.sub(f"{key}: {value}", text, count=1)
+    return text
+
+
+def evaluate_base(paths, batch_size=8):
+    """WER of the published recognizer (beam search + RNNLM) on both test sets."""
+    from sbtemplate.evaluation import transcribe_manifest
+
+    report = {}
+    for name in ("test_general", "test"):
+        stats = transcribe_manifest(
+            paths.model_dir, paths.manifests / f"{name}.json",
+            paths.corpus / "LibriSpeech", savedir=paths.root / "pretrained_eval",
+            batch_size=batch_size,
+        )
+        report[name] = stats
+    return report
+
+
+def build(profile="tiny", root=None, force=False, progress=True):
+    """Build (or reuse) everything for ``profile`` and return its ProfilePaths."""
+    torch.set_flush_denormal(True)
+    paths = ProfilePaths.for_profile(profile, root)
+    cfg = get_profile(profile)
+    paths.root.mkdir(parents=True, exist_ok=True)
+    timings = {}
+    t0 = time.time()
+    build_corpus(paths.corpus, cfg["corpus"], seed=SEED, progress=progress)
+    timings["corpus"] = time.time() - t0
+    t = time.time()
+    build_manifests(paths, cfg)
+    tokenizer_file = build_tokenizer(paths, cfg)
+    timings["tokenizer"] = time.time() - t
+    t = time.time()
+    lm_file = build_lm(paths, cfg, tokenizer_file)
+    timings["lm"] = time.time() - t
+    t = time.time()
+    experiment = build_asr(paths, cfg, tokenizer_file)
+    timings["asr"] = time.time() - t
+    report_file = paths.build_report
+    fingerprint = json.loads((experiment / DONE).read_text())
+    if not force and report_file.is_file() and paths.model_dir.is_dir():
+        report = json.loads(report_file.read_text())
+        if report.get("fingerprint") == fingerprint:
+            return paths
+    publish(paths, cfg, tokenizer_file, lm_file, experiment)
+    t = time.time()
+    wers = evaluate_base(paths)
+    timings["evaluate"] = time.time() - t
+    report = {
+        "profile": profile,
+        "fingerprint": fingerprint,
+        "wer": {k: v["WER"] for k, v in wers.items()},
+        "details": wers,
+        "lm_valid": json.loads((paths.root / "lm" / "lm_valid.json").read_text()),
+        "asr_valid": json.loads((experiment / "asr_valid.json").read_text()),
+        "seconds": timings,
+    }
+    tmp = report_file.with_name(report_file.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    tmp.replace(report_file)
+    print(
+        f"Base recognizer ({profile}): WER general test {report['wer']['test_general']:.2f}%, "
+        f"target-domain test {report['wer']['test']:.2f}% (beam search + RNNLM). "
+        f"Report: {report_file}"
+    )
+    return paths
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--profile", default="full", choices=["tiny", "full"])
+    parser.add_argument("--root", default=None, help="artefacts root (default: ./artifacts)")
+    parser.add_argument("--force", action="store_true", help="re-publish and re-evaluate")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    build(args.profile, args.root, force=args.force)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
