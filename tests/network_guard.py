@@ -32,6 +32,8 @@ def is_loopback(host):
     host = str(host).strip("[]").split("%")[0]
     if host.lower() in _LOOPBACK_NAMES:
         return True
+    if host == _own_hostname():
+        return True  # resolving our own name reaches no other machine
     try:
         address = ipaddress.ip_address(host)
     except ValueError:
@@ -39,6 +41,13 @@ def is_loopback(host):
     if address.version == 6 and address.ipv4_mapped is not None:
         address = address.ipv4_mapped
     return address.is_loopback
+
+
+def _own_hostname():
+    try:
+        return socket.gethostname()
+    except OSError:
+        return None
 
 
 def _check(what, host, port):

@@ -91,6 +91,23 @@ def test_second_fetch_is_a_cache_hit_without_download(served, tmp_path):
     assert [r.status for r in fetching.fetch_log[-3:]] == ["cached"] * 3
 
 
+def test_url_fetch_without_savedir_lands_in_the_fetch_cache(served, fake_repo, tmp_path):
+    path = sb().fetch("tokenizer.ckpt", url(served.url_base))
+    assert Path(path).is_relative_to(tmp_path / "fetch-cache")
+    assert Path(path).read_bytes() == (fake_repo / "tokenizer.ckpt").read_bytes()
+    served.urls.clear_log()
+    assert sb().fetch("tokenizer.ckpt", url(served.url_base)) == path
+    assert served.urls.requests == []
+
+
+def test_guard_refuses_other_hosts():
+    import socket
+
+    with pytest.raises(network_guard.NetworkAccessForbidden):
+        socket.create_connection(("192.0.2.1", 80), timeout=1)
+    del network_guard.violations[-1]  # expected here; not a failure of this test
+
+
 def test_local_folder_named_like_the_repo_wins_and_fetchsource_forces_the_hub(
     served, fake_repo, tmp_path, monkeypatch
 ):
