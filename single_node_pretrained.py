@@ -3,7 +3,8 @@
 
 1. ``EncoderDecoderASR.from_hparams`` from the Hub (``FetchSource``) with
    ``download_only=True``, then loaded from the cache with run options, and
-   ``transcribe_file`` on the example wav fetched from the Hub via FetchSource;
+   ``transcribe_file`` on the example audio (wav/flac) fetched from the Hub
+   via FetchSource;
 2. the same with a plain string source and a ``savedir``.
 
 By default the Hub is the project's loopback Hub server publishing the
@@ -26,8 +27,6 @@ from pathlib import Path
 from sbtemplate import fetching, servers
 from sbtemplate.paths import REPO_ID, ProfilePaths
 
-logger = logging.getLogger("single_node_pretrained")
-
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -36,7 +35,7 @@ def parse_args(argv):
     parser.add_argument("--fetch_endpoints", default="loopback", choices=fetching.ENDPOINT_MODES)
     parser.add_argument("--public_hub_endpoint", default=fetching.PUBLIC_HUB_ENDPOINT)
     parser.add_argument("--repo_id", default=REPO_ID, help="Hub repo of the recognizer")
-    parser.add_argument("--example", help="example wav in the repo (default: the first one listed)")
+    parser.add_argument("--example", help="example audio file in the repo (default: the first one listed)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--cache_dir", help="fetch cache (default: <profile>/fetch-cache)")
     parser.add_argument("--savedir", help="savedir of case 2 (default: <profile>/pretrained_models/<repo>)")
@@ -56,18 +55,21 @@ def hub_for(args, paths):
         yield served.hub_endpoint
 
 
-def example_wav(repo_id, wanted):
-    """The example wav to transcribe, chosen from the repo's manifest."""
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3")
+
+
+def example_audio(repo_id, wanted):
+    """The example audio to transcribe, chosen from the repo's manifest."""
     from speechbrain.utils.fetching import FetchFrom, FetchSource, fetch
 
     manifest = json.loads(Path(fetch("manifest.json", FetchSource(FetchFrom.HUGGING_FACE, repo_id))).read_text())
-    wavs = sorted(name for name in manifest if name.endswith(".wav"))
+    wavs = sorted(name for name in manifest if name.endswith(AUDIO_SUFFIXES))
     if wanted:
         if wanted not in manifest:
-            raise SystemExit(f"{wanted} is not published in {repo_id} (have: {', '.join(wavs) or 'no wavs'})")
+            raise SystemExit(f"{wanted} is not published in {repo_id} (have: {', '.join(wavs) or 'no audio'})")
         return wanted, manifest
     if not wavs:
-        raise SystemExit(f"{repo_id} publishes no example wav")
+        raise SystemExit(f"{repo_id} publishes no example audio")
     return wavs[0], manifest
 
 
@@ -96,7 +98,7 @@ def run_checks(args, paths):
     repo = args.repo_id
     run_opts = {"device": args.device}
     problems = []
-    wav, manifest = example_wav(repo, args.example)
+    wav, manifest = example_audio(repo, args.example)
 
     def new_records(start):
         return fetching.fetch_log[start:]

@@ -419,7 +419,6 @@ def fetch(
     return _fetch_coordinated(world, args)
 
 
-
 def _ddp_world():
     """torch.distributed when several processes take part in this call, else None."""
     torch = sys.modules.get("torch")
@@ -439,16 +438,16 @@ def _fetch_coordinated(dist, args):
     """Rank 0 fetches (and downloads); the others wait, then load from the cache."""
     from speechbrain.utils.distributed import MainProcessContext, if_main_process
 
-    is_main = dist.get_rank() == 0
-    if is_main != if_main_process():
-        # SpeechBrain picks its main process from the RANK environment variable.
-        raise RuntimeError(
-            f"torch.distributed rank {dist.get_rank()} disagrees with RANK="
-            f"{os.environ.get('RANK')!r}: launch with torchrun (or set RANK/LOCAL_RANK)"
-        )
-    if is_main:
+    if dist.get_rank() == 0:
         error = None
         try:
+            if not if_main_process():
+                # SpeechBrain picks its main process from the RANK variable;
+                # without it, its helpers would download nowhere.
+                raise RuntimeError(
+                    f"torch.distributed rank 0 has RANK={os.environ.get('RANK')!r}: "
+                    "launch with torchrun (or set RANK and LOCAL_RANK)"
+                )
             # MainProcessContext: SpeechBrain's own main_process_only helpers
             # inside fetch must not broadcast, only this function does.
             with MainProcessContext():

@@ -347,7 +347,6 @@ def _iso_mtime(path):
 class _HubHandler(_BaseHandler):
     def _route(self):
         parts = [unquote(p) for p in urlsplit(self.path).path.split("/") if p]
-        hub = self.owner
         if len(parts) >= 4 and parts[0] == "api" and parts[1] == "models":
             return self._api(parts[2:])
         if self.command not in ("GET", "HEAD"):

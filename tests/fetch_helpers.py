@@ -89,3 +89,28 @@ def hub_blobs(cache_root):
 
 def file_bytes(path):
     return Path(os.path.realpath(path)).read_bytes()
+
+
+@pytest.fixture
+def tiny_paths(request):
+    """The tiny build (ProfilePaths): conftest's ``tiny_build`` when there is one."""
+    from sbtemplate.paths import ProfilePaths
+
+    try:
+        return request.getfixturevalue("tiny_build")
+    except pytest.FixtureLookupError:
+        pass
+    paths = ProfilePaths.for_profile("tiny")
+    if not (paths.local_repo / "hyperparams.yaml").is_file():
+        pytest.skip("tiny profile not built (python -m sbtemplate.build --profile tiny)")
+    return paths
+
+
+@pytest.fixture
+def restored_fetching():
+    """Scripts and fetch_endpoints() configure the process; put it all back afterwards."""
+    with fetching.hub_endpoint(fetching.current_hub_endpoint()), fetching.policy():
+        try:
+            yield
+        finally:
+            fetching.uninstall()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from fetch_helpers import fake_repo, file_bytes  # noqa: F401 - fixture
+from fetch_helpers import fake_repo, file_bytes, restored_fetching, tiny_paths  # noqa: F401
 from network_guard import _forbid_network  # noqa: F401 - autouse fixture
 from sbtemplate import fetching
 from sbtemplate.paths import REPO_ID, ProfilePaths
@@ -43,16 +43,6 @@ def artifacts(tmp_path, fake_repo):
     paths.local_repo.parent.mkdir(parents=True)
     os.symlink(os.path.relpath(paths.model_dir, paths.local_repo.parent), paths.local_repo)
     return paths
-
-
-@pytest.fixture
-def restored_fetching():
-    """fetch_endpoints() configures the process; put everything back afterwards."""
-    with fetching.hub_endpoint(fetching.current_hub_endpoint()), fetching.policy():
-        try:
-            yield
-        finally:
-            fetching.uninstall()
 
 
 def test_plain_keys_are_read_without_importing_anything():
@@ -114,3 +104,33 @@ def test_unknown_endpoint_mode_is_refused(restored_fetching):
     with pytest.raises(ValueError, match="fetch_endpoints must be one of"):
         with fetching.fetch_endpoints(FINETUNE, {"fetch_endpoints": "moon"}):
             pass
+
+
+def test_finetune_pretrainers_load_the_tiny_build(tiny_paths, tmp_path, restored_fetching):
+    """The real model section, with the profile's sizes, loads what the three
+    sources deliver."""
+    from hyperpyyaml import load_hyperpyyaml
+
+    from sbtemplate.profiles import get_profile
+
+    profile = get_profile(tiny_paths.profile)
+    overrides = {
+        "profile": tiny_paths.profile,
+        "artifacts": str(tiny_paths.root.parent),
+        "pretrained_folder": str(tmp_path / "pretrained"),
+        **profile["model_overrides"],
+        "output_neurons": profile["tokenizer"]["vocab_size"],
+    }
+    text = section("fetch sources") + section("model") + section("pretrainers")
+    with fetching.fetch_endpoints(FINETUNE, overrides, cache_dir=tmp_path / "cache") as ep:
+        hparams = load_hyperpyyaml(text, ep.overrides)
+        del fetching.fetch_log[:]
+        fetching.collect_pretrained(hparams, load=True)
+    kinds = {r.filename: r.kind for r in fetching.fetch_log}
+    assert kinds == {
+        "asr.ckpt": "local",
+        "normalizer.ckpt": "local",
+        "lm.ckpt": "huggingface",
+        "tokenizer.ckpt": "url",
+    }
+    assert hparams["tokenizer"].vocab_size() == profile["tokenizer"]["vocab_size"]

@@ -2,38 +2,18 @@
 loopback Hub: download_only, load with run options, transcribe the example
 wav fetched via FetchSource, and the plain-string + savedir case."""
 
+import json
 import runpy
 from pathlib import Path
 
 import pytest
 
+from fetch_helpers import restored_fetching, tiny_paths  # noqa: F401 - fixtures
 from network_guard import _forbid_network  # noqa: F401 - autouse fixture
-from sbtemplate import fetching
-from sbtemplate.paths import ProfilePaths
+from sbtemplate import fetching, servers
+from sbtemplate.paths import REPO_ID
 
 SCRIPT = Path(__file__).resolve().parent.parent / "single_node_pretrained.py"
-
-
-@pytest.fixture
-def tiny_paths(request):
-    """The tiny build: conftest's ``tiny_build`` fixture when there is one."""
-    try:
-        return request.getfixturevalue("tiny_build")
-    except pytest.FixtureLookupError:
-        pass
-    paths = ProfilePaths.for_profile("tiny")
-    if not (paths.local_repo / "hyperparams.yaml").is_file():
-        pytest.skip("tiny profile not built (python -m sbtemplate.build --profile tiny)")
-    return paths
-
-
-@pytest.fixture
-def restored_fetching():
-    with fetching.hub_endpoint(fetching.current_hub_endpoint()), fetching.policy():
-        try:
-            yield
-        finally:
-            fetching.uninstall()
 
 
 def run_script(*args):
@@ -62,13 +42,17 @@ def test_single_node_pretrained(tiny_paths, tmp_path, capsys, restored_fetching)
     assert len(transcripts) == 2 and transcripts[0] == transcripts[1] and transcripts[0] != "''"
     assert (tmp_path / "savedir" / "hyperparams.yaml").exists()
 
-    # Offline with the warm cache: same result, nothing downloaded.
-    fetching.configure(allow_network=True)
-    code = run_script(*common, "--offline")
-    out = capsys.readouterr()
-    assert code == 0, out.out + out.err
-    assert "downloaded from" not in out.out
-    assert [line.split("transcript: ", 1)[1] for line in out.out.splitlines() if "transcript: " in line] == transcripts
+    # Offline, servers gone: the warm cache is enough.
+    from speechbrain.inference.ASR import EncoderDecoderASR
+    from speechbrain.utils.fetching import FetchFrom, FetchSource
+
+    start = len(fetching.fetch_log)
+    with fetching.policy(allow_network=False):
+        EncoderDecoderASR.from_hparams(
+            source=FetchSource(FetchFrom.HUGGING_FACE, REPO_ID), download_only=True
+        )
+    records = fetching.fetch_log[start:]
+    assert records and all(r.status == "cached" for r in records)
 
 
 def test_single_node_pretrained_offline_with_an_empty_cache_fails_clearly(
@@ -87,3 +71,20 @@ def test_single_node_pretrained_offline_with_an_empty_cache_fails_clearly(
     assert code == 2
     assert "FETCH FAILED" in err and "Hugging Face Hub repo" in err
     assert "network access is disabled" in err
+
+
+def test_published_example_round_trips_through_load_audio(tiny_paths, tmp_path, restored_fetching):
+    import soundfile
+    import torch
+    from speechbrain.inference.interfaces import Pretrained
+    from speechbrain.utils.fetching import FetchFrom, FetchSource
+
+    manifest = json.loads((tiny_paths.model_dir / "manifest.json").read_text())
+    example = sorted(n for n in manifest if n.endswith((".wav", ".flac")))[0]
+    reference, rate = soundfile.read(tiny_paths.model_dir / example, dtype="float32")
+    with servers.serve(tiny_paths.local_repo, REPO_ID) as served:
+        fetching.setup(hub_endpoint=served.hub_endpoint, cache_dir=tmp_path / "cache")
+        model = Pretrained(modules=torch.nn.ModuleDict(), hparams={"sample_rate": rate})
+        signal = model.load_audio(FetchSource(FetchFrom.HUGGING_FACE, f"{REPO_ID}/{example}"))
+    assert torch.allclose(signal, torch.from_numpy(reference), atol=1e-6)
+    assert fetching.fetch_log[-1].kind == "huggingface"
