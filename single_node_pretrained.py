@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -144,9 +145,9 @@ def run_checks(args, paths):
 
 def main(argv=None):
     args = parse_args(argv)
-    level = logging.INFO if args.verbose else logging.WARNING
-    logging.basicConfig(level=level)
-    logging.getLogger("speechbrain").setLevel(level)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
+    # SpeechBrain sets its loggers' level from SB_LOG_LEVEL when it is imported.
+    os.environ["SB_LOG_LEVEL"] = "INFO" if args.verbose else os.environ.get("SB_LOG_LEVEL", "WARNING")
     root = Path(args.artifacts) if args.artifacts else None
     paths = ProfilePaths.for_profile(args.profile, root=root)
     if args.fetch_endpoints == "loopback" and not paths.local_repo.is_dir():
