@@ -42,6 +42,7 @@ from sbtemplate.padding_invariant.encoder import (
 )
 from sbtemplate.padding_invariant.random_model import write_random_recognizer
 from sbtemplate.padding_invariant.selection import rnn_greedy_searcher
+from sbtemplate.benchmarks.padding import data_root
 from sbtemplate.paths import ProfilePaths
 
 SAMPLE_RATE = 16000
@@ -342,7 +343,8 @@ def _decodings(asr, wavs, durations, dynamic=True):
         "bs8": decode(asr, wavs, fixed_size_batches(n, 8)),
     }
     if dynamic:
-        batches = dynamic_batches(durations, max_batch_length=4.0)
+        budget = 4 * sum(durations) / len(durations)  # about 4 utterances a batch
+        batches = dynamic_batches(durations, max_batch_length=budget)
         assert len({len(b) for b in batches}) > 1, "batches of several sizes"
         out["dynamic"] = decode(asr, wavs, batches)
     return out
@@ -435,7 +437,7 @@ def tiny(request, tmp_path_factory):
             pick.append(items.pop())
     wavs, refs, durations = [], [], []
     for _, e in pick:
-        path = e["wav"].replace("{data_root}", str(paths.corpus))
+        path = e["wav"].replace("{data_root}", str(data_root(paths)))
         audio, sr = sf.read(path, dtype="float32")
         wavs.append(torch.from_numpy(audio))
         refs.append(e["words"])

@@ -58,7 +58,9 @@ def decode(asr, wavs, batches):
 
     Returns a dict with per-utterance ``tokens``, ``words`` and ``scores`` (the
     best hypothesis' score, captured from the searcher's output) in the order of
-    ``wavs``, plus ``seconds`` (decoding wall time, padding excluded) and the
+    ``wavs``, plus ``seconds`` (decoding wall time, padding excluded),
+    ``cpu_seconds`` (this process's CPU time over the same spans: with one
+    thread, robust against other processes sharing the machine) and the
     ``batches`` used.
     """
     n = len(wavs)
@@ -69,13 +71,14 @@ def decode(asr, wavs, batches):
         captured["scores"] = output[2]
 
     handle = asr.mods.decoder.register_forward_hook(hook)
-    seconds = 0.0
+    seconds = cpu_seconds = 0.0
     try:
         for batch in batches:
             sig, rel = pad([wavs[i] for i in batch])
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             batch_words, batch_tokens = asr.transcribe_batch(sig, rel)
             seconds += time.perf_counter() - start
+            cpu_seconds += time.process_time() - start_cpu
             batch_scores = captured["scores"].reshape(len(batch), -1)[:, 0]
             for k, i in enumerate(batch):
                 tokens[i] = [int(t) for t in batch_tokens[k]]
@@ -88,6 +91,7 @@ def decode(asr, wavs, batches):
         "words": words,
         "scores": scores,
         "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
         "batches": [list(b) for b in batches],
     }
 
