@@ -45,21 +45,24 @@ def run(hparams_file, run_opts, overrides):
     artifacts = fetching.read_plain_keys(hparams_file, ["artifacts"], overrides)["artifacts"]
     paths = ProfilePaths.for_profile(profile, root=None if artifacts == "artifacts" else artifacts)
 
-    with fetching.fetch_endpoints(hparams_file, overrides, cache_dir=paths.root / "fetch-cache") as ep:
-        # 1. Hyperparameters (a misspelt override fails here, on every rank).
-        with open(hparams_file) as fin:
-            hparams = load_hyperpyyaml(fin, ep.overrides)
+    # 1. Process group first (one timeout on every collective), so that every
+    #    rank fetches through rank 0's endpoints.
+    timeout = fetching.read_plain_keys(hparams_file, ["collective_timeout_s"], overrides)
+    lf.init_distributed(run_opts, timeout["collective_timeout_s"])
+    rank, world = rank_and_world_size()
+    cache = paths.root / "fetch-cache"
 
-        # 2. Data preparation: target-domain text and the speech test set.
-        #    Missing audio is reported now, before any rank trains.
+    with fetching.fetch_endpoints(hparams_file, overrides, cache_dir=cache) as ep:
+        # 2. Hyperparameters (a misspelt override fails here, on every rank).
+        with open(hparams_file) as fin:
+            hparams = load_hyperpyyaml(fin, lf.shared_endpoints(ep, cache))
+
+        # 3. Data preparation: missing test audio is reported now, on every
+        #    rank, before any training.
         test_entries = lf.read_test_manifest(
             hparams["test_annotation"], hparams["data_root"], hparams["test_limit"]
         )
         lf.check_audio_files(test_entries, hparams["test_annotation"])
-
-        # 3. Process group (timeout on every collective), experiment folder.
-        lf.init_distributed(run_opts, hparams["collective_timeout_s"])
-        rank, world = rank_and_world_size()
         sb.create_experiment_directory(
             experiment_directory=hparams["output_folder"], hyperparams_to_save=hparams_file,
             overrides=ep.overrides,

@@ -120,6 +120,29 @@ def init_distributed(run_opts, timeout_s):
     return True
 
 
+def shared_endpoints(endpoints, cache_dir):
+    """The YAML overrides of :func:`sbtemplate.fetching.fetch_endpoints`, rank 0's on every rank.
+
+    In loopback mode each process serves the model on its own port; the URL
+    cache is keyed by the base URL, so the ranks that wait for rank 0's
+    download must look under rank 0's URLs (they never connect to them).
+    """
+    import torch.distributed as dist
+
+    from sbtemplate import fetching
+
+    overrides = dict(endpoints.overrides)
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return overrides
+    box = [(endpoints.hub_endpoint, endpoints.url_base)] if dist.get_rank() == 0 else [None]
+    dist.broadcast_object_list(box, src=0)
+    hub, url_base = box[0]
+    if (hub, url_base) != (endpoints.hub_endpoint, endpoints.url_base):
+        fetching.setup(hub_endpoint=hub, cache_dir=cache_dir)
+    overrides.update(hub_endpoint=hub, url_base=url_base)
+    return overrides
+
+
 def setup_run(run_opts):
     """Process-wide settings before anything heavy runs."""
     torch.set_flush_denormal(True)  # denormals make CPU RNNs many times slower
