@@ -212,6 +212,35 @@ def test_stock_checkpoint_loads_unchanged(changes):
             assert torch.allclose(out[i, : out_n[i]], alone[0], atol=1e-5)
 
 
+def test_encoder_walks_a_stock_crdnn():
+    """The encoder also makes a stock CRDNN model padding-invariant (finetune.yaml)."""
+    from speechbrain.lobes.features import Fbank
+    from speechbrain.processing.features import InputNormalization
+
+    from sbtemplate.padding_invariant import PaddingInvariantEncoder
+
+    torch.manual_seed(0)
+    fbank = Fbank(n_mels=40)
+    norm = InputNormalization(norm_type="global")
+    with torch.no_grad():
+        norm(fbank(0.1 * torch.randn(2, 16000)), torch.ones(2))
+    norm.eval()
+    encoder = PaddingInvariantEncoder(
+        input_shape=[None, None, 40],
+        compute_features=fbank,
+        normalize=norm,
+        model=CRDNN(**_crdnn_kwargs()),
+    ).eval()
+    wavs = [0.1 * torch.randn(n) for n in (16000, 5321, 9000)]
+    batch, rel = diag.pad_batch(wavs)
+    with torch.no_grad():
+        out = encoder(batch, rel)
+        for i, w in enumerate(wavs):
+            alone = encoder(w.unsqueeze(0), torch.ones(1))
+            assert out.frame_lengths[i] == alone.shape[1]
+            assert torch.allclose(out[i, : alone.shape[1]], alone[0], atol=1e-5)
+
+
 # --------------------------------------------------------------------------- #
 # Per-stage leaks, stock against padding-invariant, on the random recognizer
 # --------------------------------------------------------------------------- #
