@@ -45,6 +45,8 @@ EXAMPLE_WAV = "example.flac"
 def _stage(folder, fingerprint, work, force=False):
     """Run ``work(tmp_folder)`` unless ``folder`` holds a matching DONE.json."""
     folder = Path(folder)
+    # Compare as JSON sees it (tuples become lists).
+    fingerprint = json.loads(json.dumps(fingerprint, sort_keys=True))
     marker = folder / DONE
     if not force and marker.is_file():
         try:
@@ -246,11 +248,24 @@ def evaluate_base(paths, batch_size=8):
 
 
 def build(profile="tiny", root=None, force=False, progress=True):
-    """Build (or reuse) everything for ``profile`` and return its ProfilePaths."""
-    torch.set_flush_denormal(True)
+    """Build (or reuse) everything for ``profile`` and return its ProfilePaths.
+
+    Concurrent builds of one profile (two test runs, several ranks) serialise
+    on a lock file: the first builds, the others then find it finished.
+    """
+    import fcntl
+
     paths = ProfilePaths.for_profile(profile, root)
-    cfg = get_profile(profile)
     paths.root.mkdir(parents=True, exist_ok=True)
+    with open(paths.root / ".build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _build_locked(paths, force, progress)
+
+
+def _build_locked(paths, force, progress):
+    torch.set_flush_denormal(True)
+    profile = paths.profile
+    cfg = get_profile(profile)
     timings = {}
     t0 = time.time()
     build_corpus(paths.corpus, cfg["corpus"], seed=SEED, progress=progress)

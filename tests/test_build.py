@@ -1,0 +1,107 @@
+"""The base recognizer build: published layout, local loading, caching, interruption."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from sbtemplate import build as build_mod
+from sbtemplate.manifest import read_manifest, sha256_file
+from sbtemplate.paths import REPO_ID, ProfilePaths
+from sbtemplate.profiles import get_profile
+
+PUBLISHED = ("asr.ckpt", "lm.ckpt", "tokenizer.ckpt", "normalizer.ckpt", "hyperparams.yaml",
+             build_mod.EXAMPLE_WAV)
+
+
+def test_published_layout_and_manifest(tiny_build):
+    model_dir = tiny_build.model_dir
+    assert model_dir.parent.name == "save" and model_dir.name == "CKPT+latest"
+    manifest = read_manifest(model_dir)
+    for name in PUBLISHED:
+        assert (model_dir / name).is_file(), name
+        assert manifest[name]["sha256"] == sha256_file(model_dir / name)
+    link = tiny_build.local_repo
+    assert link.is_symlink() and link.resolve() == model_dir.resolve()
+    assert link.relative_to(tiny_build.root).as_posix() == REPO_ID
+    assert not os.path.isabs(os.readlink(link))  # the tree can be moved
+
+
+def test_build_report_has_both_test_sets(tiny_build):
+    report = json.loads(tiny_build.build_report.read_text())
+    assert set(report["wer"]) == {"test_general", "test"}
+    details = report["details"]["test"]
+    test = json.loads((tiny_build.manifests / "test.json").read_text())
+    assert details["num_scored_sents"] == len(test)
+
+
+def test_tiny_model_transcribes_through_local_repo_folder(tiny_build, tmp_path, monkeypatch):
+    """The folder named like the Hub repo id is found locally, as the template relies on."""
+    from speechbrain.inference.ASR import EncoderDecoderASR
+
+    monkeypatch.chdir(tiny_build.root)
+    asr = EncoderDecoderASR.from_hparams(source=REPO_ID, savedir=str(tmp_path / "savedir"))
+    text = asr.transcribe_file(str(tiny_build.model_dir / build_mod.EXAMPLE_WAV))
+    assert isinstance(text, str)
+    # The savedir links point into the local folder: nothing was downloaded.
+    linked = (tmp_path / "savedir" / "asr.ckpt").resolve()
+    assert linked == (tiny_build.model_dir / "asr.ckpt").resolve()
+
+
+def test_second_build_reuses_every_stage(tiny_build, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a cached stage was trained again")
+
+    from sbtemplate import base_recognizer
+
+    monkeypatch.setattr(base_recognizer.ASRBrain, "fit", refuse)
+    monkeypatch.setattr(base_recognizer.LMBrain, "fit", refuse)
+    monkeypatch.setattr(base_recognizer, "train_tokenizer", refuse)
+    monkeypatch.setattr(build_mod, "evaluate_base", refuse)
+    assert build_mod.build("tiny", progress=False) == tiny_build
+
+
+def test_interrupted_stage_is_redone_not_reused(tmp_path):
+    target = tmp_path / "stage"
+
+    def crash(tmp):
+        (tmp / "half.bin").write_bytes(b"x" * 10)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        build_mod._stage(target, {"v": 1}, crash)
+    assert not target.exists()
+
+    calls = []
+
+    def work(tmp):
+        calls.append(tmp)
+        (tmp / "full.bin").write_bytes(b"ok")
+
+    build_mod._stage(target, {"v": 1}, work)
+    assert (target / "full.bin").read_bytes() == b"ok" and not (target / "half.bin").exists()
+    assert not target.with_name("stage.partial").exists()
+    build_mod._stage(target, {"v": 1}, work)  # cached: no second call
+    build_mod._stage(target, {"v": 2}, work)  # other inputs: rebuilt
+    assert len(calls) == 2
+
+
+def test_lm_training_is_deterministic(tiny_build, tmp_path):
+    cfg = get_profile("tiny")
+    tokenizer = next((tiny_build.root / "tokenizer").glob("*.model"))
+    weights = []
+    for run in ("a", "b"):
+        paths = ProfilePaths("tiny", tmp_path / run)
+        paths.root.mkdir(parents=True)
+        (paths.root / "manifests").symlink_to(tiny_build.manifests)
+        weights.append(torch.load(build_mod.build_lm(paths, cfg, tokenizer)))
+    assert weights[0].keys() == weights[1].keys()
+    for key in weights[0]:
+        assert torch.equal(weights[0][key], weights[1][key]), key
+
+
+def test_published_hparams_rejects_unknown_key():
+    with pytest.raises(KeyError, match="no_such_key"):
+        build_mod.published_hparams("a: 1\n", {"no_such_key": 2})
+    assert build_mod.published_hparams("a: 1\nb: 2\n", {"b": 5}) == "a: 1\nb: 5\n"

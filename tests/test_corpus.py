@@ -1,0 +1,160 @@
+"""The offline corpus: determinism, LibriSpeech layout, disjoint splits, bad input."""
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from sbtemplate.corpus import builder
+from sbtemplate.corpus.builder import SPEAKERS, build_corpus, is_complete
+from sbtemplate.corpus.grammar import split_domains
+from sbtemplate.data_prep import DataPreparationError, prepare_split, read_text_lines
+
+SMALL = {
+    "general_train": 6, "general_valid": 2, "general_test": 3, "target_test": 4,
+    "general_lm_train": 20, "general_lm_valid": 5, "target_lm_train": 10,
+    "target_lm_valid": 4, "noise_files": 2, "rir_files": 2,
+}
+
+
+def tree_digest(root):
+    digest = hashlib.sha256()
+    for path in sorted(Path(root).rglob("*")):
+        if path.is_file():
+            digest.update(path.relative_to(root).as_posix().encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def small_corpus(tmp_path_factory):
+    return build_corpus(tmp_path_factory.mktemp("c1") / "corpus", SMALL, seed=7, progress=False)
+
+
+def test_same_seed_gives_identical_bytes(small_corpus, tmp_path):
+    again = build_corpus(tmp_path / "corpus", SMALL, seed=7, progress=False)
+    assert tree_digest(small_corpus) == tree_digest(again)
+
+
+def test_other_seed_gives_other_corpus(small_corpus, tmp_path):
+    other = build_corpus(tmp_path / "corpus", SMALL, seed=8, progress=False)
+    assert tree_digest(small_corpus) != tree_digest(other)
+
+
+def test_librispeech_layout_is_read_back(small_corpus):
+    data_root = small_corpus / "LibriSpeech"
+    for split, folder in builder.SPEECH_SPLITS.items():
+        entries = prepare_split(data_root, folder, small_corpus.parent / f"{split}.json")
+        assert len(entries) == SMALL[split]
+        for utt_id, entry in entries.items():
+            spk, chapter, _ = utt_id.split("-")
+            rel = f"{folder}/{spk}/{chapter}/{utt_id}.flac"
+            assert entry["wav"] == "{data_root}/" + rel
+            info = sf.info(str(data_root / rel))
+            assert info.samplerate == 16000 and info.channels == 1
+            assert entry["length"] == pytest.approx(info.frames / 16000)
+            assert entry["words"] and entry["words"] == entry["words"].upper()
+            assert entry["spk_id"] == spk
+            trans = data_root / folder / spk / chapter / f"{spk}-{chapter}.trans.txt"
+            assert f"{utt_id} {entry['words']}" in trans.read_text().splitlines()
+
+
+def test_target_speech_carries_semantics(small_corpus):
+    semantics = json.loads((small_corpus / "semantics.json").read_text())
+    entries = prepare_split(small_corpus / "LibriSpeech", "test-target",
+                            small_corpus.parent / "t.json", semantics)
+    assert all("intent" in e["semantics"] for e in entries.values())
+
+
+def test_speakers_are_distinct_voice_variants():
+    voices = list(SPEAKERS.values())
+    assert len({v.name for v in voices}) >= 6
+    assert len({(v.rate, v.pitch) for v in voices}) == len(voices)
+    assert len({v.rate for v in voices}) >= 4 and len({v.pitch for v in voices}) >= 4
+
+
+def test_augmentation_sets_are_written(small_corpus):
+    noises = sorted((small_corpus / "noise").glob("*.wav"))
+    rirs = sorted((small_corpus / "rir").glob("*.wav"))
+    assert len(noises) == SMALL["noise_files"] and len(rirs) == SMALL["rir_files"]
+    rir, rate = sf.read(rirs[0])
+    assert rate == 16000 and np.argmax(np.abs(rir)) < 100  # direct path first
+
+
+def test_splits_are_disjoint_at_scale():
+    sizes = {"general_train": 700, "general_lm_train": 5000, "general_test": 100,
+             "target_lm_train": 2000, "target_test": 150, "target_lm_valid": 200}
+    splits = split_domains(sizes, seed=2602)
+    seen = {}
+    for name, items in splits.items():
+        texts = [i[0] if isinstance(i, tuple) else i for i in items]
+        assert len(texts) == sizes[name] == len(set(texts))
+        for text in texts:
+            assert text not in seen, f"{text!r} in {seen.get(text)} and {name}"
+            seen[text] = name
+
+
+def test_no_test_sentence_in_any_training_text(tiny_build):
+    m = tiny_build.manifests
+    training = set(read_text_lines(m / "lm_train.txt"))
+    training |= {e["words"] for e in json.loads((m / "train.json").read_text()).values()}
+    training |= {e["words"] for e in json.loads((m / "target_lm_train.json").read_text()).values()}
+    training |= {e["words"] for e in json.loads((m / "valid.json").read_text()).values()}
+    for name in ("test.json", "test_general.json"):
+        test = {e["words"] for e in json.loads((m / name).read_text()).values()}
+        assert test and not (test & training)
+
+
+# ----------------------------------------------------------------- bad input --
+def _layout(tmp_path, text="HELLO WORLD", audio=True):
+    folder = tmp_path / "LibriSpeech" / "split" / "11" / "22"
+    folder.mkdir(parents=True)
+    (folder / "11-22.trans.txt").write_text(f"11-22-0000 {text}\n")
+    if audio:
+        sf.write(folder / "11-22-0000.flac", np.zeros(1600, dtype=np.float32), 16000)
+    return tmp_path / "LibriSpeech", folder
+
+
+def test_missing_data_folder_is_named(tmp_path):
+    with pytest.raises(DataPreparationError, match=re.escape(str(tmp_path / "nope"))):
+        prepare_split(tmp_path, "nope", tmp_path / "x.json")
+
+
+def test_empty_transcript_is_named(tmp_path):
+    root, folder = _layout(tmp_path, text="")
+    with pytest.raises(DataPreparationError, match="Empty transcript for 11-22-0000.*11-22.trans.txt"):
+        prepare_split(root, "split", tmp_path / "x.json")
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_missing_audio_is_named(tmp_path):
+    root, _ = _layout(tmp_path, audio=False)
+    with pytest.raises(DataPreparationError, match="11-22-0000.*not found"):
+        prepare_split(root, "split", tmp_path / "x.json")
+
+
+def test_corrupt_audio_is_named(tmp_path):
+    root, folder = _layout(tmp_path)
+    (folder / "11-22-0000.flac").write_bytes(b"fLaC this is not audio")
+    with pytest.raises(DataPreparationError, match=r"Unreadable audio file .*11-22-0000\.flac"):
+        prepare_split(root, "split", tmp_path / "x.json")
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_interrupted_corpus_build_is_not_mistaken_for_finished(tmp_path, monkeypatch):
+    def boom(jobs, progress):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(builder, "_synthesize_in_fresh_process", boom)
+    with pytest.raises(KeyboardInterrupt):
+        build_corpus(tmp_path / "corpus", SMALL, seed=7, progress=False)
+    assert not (tmp_path / "corpus").exists()
+    assert not is_complete(tmp_path / "corpus", SMALL, 7)
+    monkeypatch.undo()
+    build_corpus(tmp_path / "corpus", SMALL, seed=7, progress=False)
+    assert is_complete(tmp_path / "corpus", SMALL, 7)
+    assert not (tmp_path / "corpus.partial").exists()
