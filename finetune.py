@@ -252,10 +252,12 @@ def main(argv=None):
         run(hparams_file, run_opts, overrides)
     except lf.TrainingInterrupted as exc:
         print(f"rank {rank}: {exc}", file=sys.stderr, flush=True)
+        lf.failure_barrier()
         return lf.EXIT_INTERRUPTED
     except Exception as exc:  # noqa: BLE001 - one clear line per rank, non-zero exit
         logger.debug("failure", exc_info=True)
         print(f"rank {rank}: ERROR: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        lf.failure_barrier()
         if os.environ.get("SBTEMPLATE_TRACEBACK"):
             raise
         return 1

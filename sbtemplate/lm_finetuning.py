@@ -117,7 +117,38 @@ def init_distributed(run_opts, timeout_s):
         backend=backend, rank=int(os.environ["RANK"]),
         timeout=datetime.timedelta(seconds=float(timeout_s)),
     )
+    # A group used for nothing but the failure barrier below, so that it can
+    # never be matched against another collective.
+    _failure["group"] = torch.distributed.new_group(
+        backend="gloo", timeout=datetime.timedelta(seconds=FAILURE_BARRIER_S)
+    )
     return True
+
+
+#: How long a failing rank waits for the others at the failure barrier.
+FAILURE_BARRIER_S = 20.0
+_failure = {"group": None}
+
+
+def failure_barrier():
+    """Let every rank that fails at the same point report before any exits.
+
+    torchrun stops all workers as soon as one exits non-zero, which could cut
+    off the others' error messages when they all fail alike (a bad override, a
+    missing file, too few batches). A failing rank waits here, at most
+    ``FAILURE_BARRIER_S`` seconds, for the others; a rank that fails alone
+    times out and exits, and torchrun ends the rest. Returns True if all met.
+    """
+    group = _failure["group"]
+    if group is None or not torch.distributed.is_initialized():
+        return True
+    try:
+        torch.distributed.monitored_barrier(
+            group=group, timeout=datetime.timedelta(seconds=FAILURE_BARRIER_S)
+        )
+        return True
+    except RuntimeError:
+        return False
 
 
 def shared_endpoints(endpoints, cache_dir):

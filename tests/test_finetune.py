@@ -1,0 +1,264 @@
+"""finetune.py end to end on the tiny profile: one 2-rank torchrun run shared
+by most assertions, plus the runs that need their own launch (world size 1
+against 2, resume, two nodes on loopback, bad input).
+
+Issue 4: only the LM moves (ASR digests per rank), ranks agree after every
+epoch, perplexity falls, dynamic batches are equal per rank with nothing
+dropped, resume equals an uninterrupted run, a two-node launch equals
+--nproc_per_node=2, bad input fails fast on every rank.
+Issue 5: both evaluation paths give identical hypotheses, WER agrees with
+jiwer on the merged files, one summary with per-rank lines, and the gathered
+result of world size 1 equals that of world size 2.
+"""
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from network_guard import _forbid_network  # noqa: F401 - autouse fixture
+
+ROOT = Path(__file__).resolve().parent.parent
+PYTHON = Path(sys.executable)
+TORCHRUN = PYTHON.parent / "torchrun"
+TIMEOUT_S = 420
+
+# A small but complete run: 2 epochs, 6 test utterances in batches of 2 (so
+# both ranks decode), a short beam.
+RUN_OVERRIDES = [
+    "--profile=tiny", "--number_of_epochs=2", "--test_limit=6", "--test_batch_size=2",
+    "--max_decode_ratio=0.6", "--noprogressbar", "--collective_timeout_s=120",
+]
+EVAL_NAMES = ("test_base_lm", "test_finetuned_brain", "test_finetuned_interface_load_audio",
+              "test_finetuned_interface_read_audio")
+
+
+def _free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+               SBTEMPLATE_EVAL_TIMEOUT="120")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    return env
+
+
+def torchrun(out, *extra, nproc=2, timeout=TIMEOUT_S):
+    cmd = [str(TORCHRUN), "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), "finetune.py", "finetune.yaml",
+           *RUN_OVERRIDES, f"--output_folder={out}", *extra]
+    return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def single(out, *extra, timeout=TIMEOUT_S):
+    cmd = [str(PYTHON), "finetune.py", "finetune.yaml", *RUN_OVERRIDES,
+           f"--output_folder={out}", *extra]
+    return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _check(proc):
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-6000:]
+    return proc
+
+
+def results_of(out):
+    return json.loads((Path(out) / "results.json").read_text())
+
+
+def summary_of(out, name):
+    data = json.loads((Path(out) / "eval" / f"{name}_summary.json").read_text())
+    return {k: v for k, v in data.items() if k not in ("world_size", "per_rank")}
+
+
+def utterances_of(out, name):
+    return (Path(out) / "eval" / f"{name}_utterances.tsv").read_text()
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tiny_build, tmp_path_factory):
+    out = tmp_path_factory.mktemp("finetune") / "ws2"
+    proc = _check(torchrun(out))
+    return {"out": out, "proc": proc, "results": results_of(out)}
+
+
+# ------------------------------------------------------------------ issue 4 --
+def test_two_rank_run_prints_per_rank_and_one_summary(ddp_run):
+    stdout = ddp_run["proc"].stdout
+    assert stdout.count("== Summary: tiny profile, world size 2 ==") == 1
+    for name in EVAL_NAMES:
+        assert stdout.count(f"{name} summary: WER") == 1
+    for rank in (0, 1):
+        # each rank's line says its rank and utterance count (6 in batches of 2)
+        assert re.search(rf"^rank {rank}: [1-5] utterances, WER", stdout, re.M)
+        assert f"[epoch 2] rank {rank}: " in stdout and "padding" in stdout
+    assert ddp_run["results"]["world_size"] == 2 and ddp_run["results"]["backend"] == "gloo"
+
+
+def test_asr_is_frozen_on_every_rank_and_the_lm_moved(ddp_run):
+    res = ddp_run["results"]
+    per_rank = res["frozen"]["per_rank"]
+    assert [r["rank"] for r in per_rank] == [0, 1]
+    for r in per_rank:
+        assert set(r["before"]) == {"asr", "normalizer"}
+        assert r["before"] == r["after"], f"rank {r['rank']}: an ASR module changed"
+        assert r["after"] == per_rank[0]["after"]
+    assert res["frozen"]["unchanged_on_every_rank"]
+    assert res["lm"]["changed"] and res["lm"]["max_abs_change"] > 0
+    assert res["lm"]["finetuned_digest"] != res["lm"]["base_digest"]
+
+
+def test_ranks_hold_identical_lm_weights_after_each_epoch(ddp_run):
+    epochs = ddp_run["results"]["epochs"]
+    assert [e["epoch"] for e in epochs] == [1, 2]
+    digests = [e["lm_digest_per_rank"] for e in epochs]
+    for per_rank in digests:
+        assert len(per_rank) == 2 and per_rank[0] == per_rank[1]
+    assert digests[0][0] != digests[1][0], "the LM should change between epochs"
+
+
+def test_dynamic_batches_are_equal_per_rank_and_cover_the_text(ddp_run, tiny_build):
+    n_train = len(json.loads((tiny_build.manifests / "target_lm_train.json").read_text()))
+    for epoch in ddp_run["results"]["epochs"]:
+        ranks = epoch["batching_per_rank"]
+        assert ranks[0]["batches"] == ranks[1]["batches"] > 0
+        assert sum(r["items"] for r in ranks) == n_train == epoch["train_sentences"]
+        assert all(0 <= r["padding_fraction"] < 1 for r in ranks)
+
+
+def test_target_perplexity_falls(ddp_run):
+    ppl = ddp_run["results"]["perplexity"]
+    assert ppl["finetuned"]["target_valid"] < ppl["base"]["target_valid"]
+
+
+def test_resume_after_an_interruption_gives_the_same_lm(ddp_run, tmp_path):
+    out = tmp_path / "resumed"
+    quick = ["--evaluate_base=False", "--evaluate_finetuned=False"]
+    stopped = torchrun(out, "--stop_after_steps=5", *quick)
+    assert stopped.returncode != 0
+    assert stopped.stderr.count("stopped after 5 optimizer steps") == 2, stopped.stderr[-3000:]
+    assert list((out / "save").glob("CKPT+*")), "no intra-epoch checkpoint written"
+    resumed = _check(torchrun(out, *quick))
+    assert "intra-epoch" in (resumed.stdout + resumed.stderr) or resumed.returncode == 0
+    res = results_of(out)
+    assert res["lm"]["finetuned_digest"] == ddp_run["results"]["lm"]["finetuned_digest"]
+    assert res["perplexity"]["finetuned"] == ddp_run["results"]["perplexity"]["finetuned"]
+
+
+def test_two_nodes_on_loopback_match_one_node(ddp_run, tmp_path):
+    out = tmp_path / "two_nodes"
+    port = _free_port()
+    procs = []
+    for node, host in ((0, "true"), (1, "false")):
+        cmd = [str(TORCHRUN), "--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend", "c10d",
+               "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "finetune-test",
+               "--rdzv_conf", f"is_host={host}", "--max_restarts", "0",
+               "finetune.py", "finetune.yaml", *RUN_OVERRIDES, f"--output_folder={out}"]
+        log = open(tmp_path / f"node{node}.log", "w")
+        procs.append((subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=log,
+                                       stderr=subprocess.STDOUT), log))
+    try:
+        codes = [p.wait(timeout=TIMEOUT_S) for p, _ in procs]
+    finally:
+        for p, log in procs:
+            if p.poll() is None:
+                p.kill()
+            log.close()
+    logs = "".join((tmp_path / f"node{n}.log").read_text()[-3000:] for n in (0, 1))
+    assert codes == [0, 0], logs
+    res, ref = results_of(out), ddp_run["results"]
+    assert res["world_size"] == 2
+    assert res["lm"]["finetuned_digest"] == ref["lm"]["finetuned_digest"]
+    assert res["wer"] == ref["wer"] and res["perplexity"] == ref["perplexity"]
+    for name in EVAL_NAMES:
+        assert utterances_of(out, name) == utterances_of(ddp_run["out"], name)
+
+
+def _bad_run(tmp_path, *extra):
+    proc = torchrun(tmp_path / "bad", *extra, timeout=240)
+    assert proc.returncode != 0
+    return proc.stderr
+
+
+def test_override_of_a_missing_key_fails_on_every_rank(tmp_path, tiny_build):
+    stderr = _bad_run(tmp_path, "--no_such_key=1")
+    for rank in (0, 1):
+        assert f"rank {rank}: ERROR: KeyError" in stderr and "no_such_key" in stderr, stderr[-3000:]
+
+
+def test_missing_audio_fails_on_every_rank(tmp_path, tiny_build):
+    entries = json.loads((tiny_build.manifests / "test.json").read_text())
+    first = sorted(entries)[0]
+    entries[first]["wav"] = "{data_root}/nowhere/missing.flac"
+    manifest = tmp_path / "test.json"
+    manifest.write_text(json.dumps(entries))
+    stderr = _bad_run(tmp_path, f"--test_annotation={manifest}")
+    for rank in (0, 1):
+        assert f"rank {rank}: ERROR: FileNotFoundError" in stderr, stderr[-3000:]
+    assert "missing.flac" in stderr
+
+
+def test_world_size_larger_than_the_batches_fails_on_every_rank(tmp_path, tiny_build):
+    one_batch = ("--train_dynamic_batching={max_batch_length: 10000000, num_buckets: null,"
+                 " bucket_boundaries: [1000], max_batch_ex: 100000}")
+    stderr = _bad_run(tmp_path, one_batch)
+    for rank in (0, 1):
+        assert f"rank {rank}: ERROR: NotEnoughBatches" in stderr, stderr[-3000:]
+    assert "for a world size of 2" in stderr
+
+
+# ------------------------------------------------------------------ issue 5 --
+def test_both_evaluation_paths_give_identical_hypotheses(ddp_run):
+    from sbtemplate.distributed import read_utterance_file
+
+    paths = ddp_run["results"]["paths"]
+    assert paths["identical_hypotheses"] and paths["differing_ids"] == []
+    names = [n for n in EVAL_NAMES if n != "test_base_lm"]
+    rows = {n: read_utterance_file(ddp_run["out"] / "eval" / f"{n}_utterances.tsv") for n in names}
+    hyps = {n: [(r["id"], r["hypothesis"]) for r in rows[n]] for n in names}
+    assert len(hyps[names[0]]) == 6
+    assert all(h == hyps[names[0]] for h in hyps.values())
+
+
+def test_wer_agrees_with_jiwer_on_the_merged_files(ddp_run):
+    import jiwer
+
+    from sbtemplate.distributed import read_utterance_file
+
+    for name in EVAL_NAMES:
+        rows = read_utterance_file(ddp_run["out"] / "eval" / f"{name}_utterances.tsv")
+        ids = [r["id"] for r in rows]
+        assert len(ids) == len(set(ids)) == 6
+        expected = 100 * jiwer.wer([r["reference"] for r in rows], [r["hypothesis"] for r in rows])
+        summary = summary_of(ddp_run["out"], name)
+        assert summary["WER"] == pytest.approx(expected, abs=1e-9)
+        per_rank = json.loads((ddp_run["out"] / "eval" / f"{name}_summary.json").read_text())["per_rank"]
+        assert [r["rank"] for r in per_rank] == [0, 1]
+        assert sum(r["utterances"] for r in per_rank) == 6 and min(r["utterances"] for r in per_rank) > 0
+
+
+def test_world_size_one_gives_the_gathered_result_of_two(ddp_run, tmp_path):
+    """The same fine-tuned LM evaluated by one process: a rerun in a copy of the
+    2-rank output folder resumes at the finished checkpoint and only evaluates."""
+    out = tmp_path / "ws1"
+    shutil.copytree(ddp_run["out"], out, symlinks=True)
+    shutil.rmtree(out / "eval")
+    proc = _check(single(out))
+    assert "rank 0: 6 utterances" in proc.stdout and "rank 1:" not in proc.stdout
+    res = results_of(out)
+    assert res["world_size"] == 1 and res["epochs"] == []
+    assert res["lm"]["finetuned_digest"] == ddp_run["results"]["lm"]["finetuned_digest"]
+    assert res["perplexity"]["finetuned"] == ddp_run["results"]["perplexity"]["finetuned"]
+    for name in EVAL_NAMES:
+        assert summary_of(out, name) == summary_of(ddp_run["out"], name), name
+        assert utterances_of(out, name) == utterances_of(ddp_run["out"], name), name
