@@ -23,7 +23,7 @@ PROFILES = {
         },
         "tokenizer": {"vocab_size": 200},
         "lm": {"number_of_epochs": 6, "batch_size": 64},
-        "asr": {"number_of_epochs": 14, "number_of_ctc_epochs": 4, "batch_size": 8},
+        "asr": {"number_of_epochs": 14, "number_of_ctc_epochs": 14, "batch_size": 8},
         "model_overrides": {},
         "eval": {"beam_size": 8},
     },
@@ -42,7 +42,10 @@ PROFILES = {
         },
         "tokenizer": {"vocab_size": 120},
         "lm": {"number_of_epochs": 2, "batch_size": 32},
-        "asr": {"number_of_epochs": 2, "number_of_ctc_epochs": 1, "batch_size": 8},
+        # ctc_weight / augment_prob: the values this profile's cached model was
+        # trained with (the regression expectations depend on it).
+        "asr": {"number_of_epochs": 2, "number_of_ctc_epochs": 1, "batch_size": 8,
+                "ctc_weight": 0.4, "augment_prob": 0.5},
         # smaller network, same architecture and code
         "model_overrides": {
             "cnn_channels": (8, 16),
