@@ -477,6 +477,19 @@ def stft_frame_lengths(features, n_samples):
     return torch.div(n_samples - stft.n_fft, hop, rounding_mode="floor") + 1
 
 
+def _statistics_to(normalizer, device):
+    """Move an ``InputNormalization``'s global statistics to ``device``.
+
+    They are plain tensor attributes, not buffers: loaded from a checkpoint
+    they stay on the CPU when the module is moved, and an evaluation on a GPU
+    fails.  Only the global statistics are moved (eval mode reads nothing else).
+    """
+    for name in ("glob_mean", "glob_std"):
+        value = getattr(normalizer, name, None)
+        if isinstance(value, torch.Tensor) and value.device != device:
+            setattr(normalizer, name, value.to(device))
+
+
 class PaddingInvariantEncoder(LengthsCapableSequential):
     """``compute_features -> normalize -> model`` with exact lengths throughout.
 
@@ -509,6 +522,7 @@ class PaddingInvariantEncoder(LengthsCapableSequential):
                         f"Feature frames {x.shape[1]} != expected {expected}"
                     )
             elif isinstance(layer, InputNormalization):
+                _statistics_to(layer, x.device)
                 x = layer(x, relative_lengths(n, x.shape[1]))
             else:
                 x, n = run_with_lengths(layer, x, n)
