@@ -166,6 +166,30 @@ def test_stock_rnn_packing_truncates_relative_lengths():
         assert (stock[0, :n] - alone[0]).abs().max() > 1e-4
 
 
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN", "LiGRU"])
+@pytest.mark.parametrize("bidirectional", [True, False])
+def test_rnn_own_lengths_matches_lone_utterance(kind, bidirectional):
+    import speechbrain.nnet.RNN as sb_rnn
+
+    torch.manual_seed(0)
+    cls = getattr(sb_rnn, kind)
+    extra = {"nonlinearity": "relu"} if kind == "LiGRU" else {}
+    rnn = cls(
+        hidden_size=6,
+        input_shape=(1, 20, 5),
+        num_layers=2,
+        bidirectional=bidirectional,
+        **extra,
+    ).eval()
+    x = torch.randn(3, 20, 5)
+    n = torch.tensor([20, 9, 14])
+    with torch.no_grad():
+        out = rnn_own_lengths(rnn, x, n)
+        for i in range(3):
+            alone = rnn(x[i : i + 1, : n[i]])[0]
+            assert torch.allclose(out[i, : n[i]], alone[0], atol=1e-5)
+
+
 def _crdnn_kwargs(**changes):
     kwargs = dict(
         input_shape=[None, None, 40],
