@@ -129,7 +129,7 @@ class SLU(sb.Brain):
         stats["SER"] = self.semantics_metric.summarize("SER")
         stats["semantic_accuracy"] = 100.0 - stats["SER"]
         if stage == sb.Stage.VALID:
-            old_lr, new_lr = self.hparams.lr_annealing(stats["SER"])
+            old_lr, new_lr = self.hparams.lr_annealing(stage_loss)
             sb.nnet.schedulers.update_learning_rate(self.optimizer, new_lr)
             self.hparams.train_logger.log_stats(
                 stats_meta={"epoch": epoch, "lr": old_lr},
@@ -249,6 +249,8 @@ def parse_recipe_arguments(argv):
 
 def main(argv=None):
     started = time.monotonic()
+    # Denormal floats make small recurrent models many times slower on CPUs.
+    torch.set_flush_denormal(True)
     # 1. Arguments and hyperparameters. The YAML refers to the Hub endpoint
     # and the URL base, so it is loaded once the servers run.
     hparams_file, run_opts, overrides = parse_recipe_arguments(sys.argv[1:] if argv is None else argv)
@@ -258,6 +260,8 @@ def main(argv=None):
         with fetching.fetch_endpoints(hparams_file, overrides, cache_dir=cache) as endpoints:
             with open(hparams_file) as fin:
                 hparams = load_hyperpyyaml(fin, endpoints.overrides)
+            if hparams["num_threads"]:
+                torch.set_num_threads(hparams["num_threads"])
             sb.create_experiment_directory(
                 experiment_directory=hparams["output_folder"],
                 hyperparams_to_save=hparams_file,

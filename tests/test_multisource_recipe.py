@@ -1,0 +1,213 @@
+"""multisource_mini_recipe.py: the --debug regression run on the tiny profile.
+
+The recipe runs in a subprocess, as a user runs it, with the loopback-only
+network guard installed inside that process. One ``--debug`` run (module
+fixture) is checked for its time, its result files, the sources it fetched
+from, and against the stored expectation (losses to a tolerance, transcripts
+exactly). Wrong sources (missing Hub repo, missing or unreachable URL, local
+folder without the file) must fail with the fetching layer's one-line error.
+
+Regenerate the expectation after an intended change (a rebuilt tiny
+recognizer, a changed recipe) with::
+
+    SBTEMPLATE_UPDATE_EXPECTED=1 python -m pytest tests/test_multisource_recipe.py
+"""
+
+import copy
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from sbtemplate.servers import unused_loopback_port
+from sbtemplate.slu import compare_results, parse_semantics, serialize_semantics
+
+ROOT = Path(__file__).resolve().parent.parent
+TESTS = Path(__file__).resolve().parent
+RECIPE = ROOT / "multisource_mini_recipe.py"
+HPARAMS = ROOT / "multisource_mini_recipe.yaml"
+EXPECTED = TESTS / "expected" / "multisource_debug_tiny.json"
+DEBUG_SECONDS = 90  # acceptance: --debug under 90 s on 2 CPU cores
+FETCH_FAILED = 2
+
+# Runs the recipe with the network guard: any non-loopback access raises, and
+# the process exits with status 3 if one was attempted (even if swallowed).
+GUARDED = """
+import atexit, os, runpy, sys
+sys.path.insert(0, {tests!r})
+import network_guard
+network_guard.install()
+def _report():
+    if network_guard.violations:
+        sys.stderr.write("NETWORK VIOLATION: " + "; ".join(network_guard.violations) + "\\n")
+        os._exit(3)
+atexit.register(_report)
+sys.argv = [{recipe!r}] + sys.argv[1:]
+code = 0
+try:
+    runpy.run_path({recipe!r}, run_name="__main__")
+except SystemExit as exit:
+    code = exit.code
+_report()
+sys.exit(code)
+"""
+
+
+def run_recipe(*args, timeout=600):
+    command = [sys.executable, "-c", GUARDED.format(tests=str(TESTS), recipe=str(RECIPE)),
+               str(HPARAMS), "--profile", "tiny", *args]
+    env = dict(os.environ)
+    env.pop("HF_ENDPOINT", None)  # the recipe points the Hub client itself
+    started = time.monotonic()
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    return done, time.monotonic() - started
+
+
+@pytest.fixture(scope="module")
+def debug_run(tiny_build, tmp_path_factory):
+    """One ``--debug`` run of the recipe on the tiny profile."""
+    output = tmp_path_factory.mktemp("multisource_debug")
+    done, seconds = run_recipe("--debug", "--output_folder", str(output))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = json.loads((output / "results.json").read_text())
+    return {"output": output, "seconds": seconds, "results": results, "paths": tiny_build,
+            "stdout": done.stdout}
+
+
+def test_debug_run_is_fast(debug_run):
+    assert debug_run["seconds"] < DEBUG_SECONDS, (
+        f"--debug took {debug_run['seconds']:.1f} s (limit {DEBUG_SECONDS} s)"
+    )
+
+
+def test_debug_run_writes_its_result_files(debug_run):
+    output, results = debug_run["output"], debug_run["results"]
+    # The result files the YAML names (default names, under output_folder).
+    wer = (output / "wer_transcripts.txt").read_text()
+    semantics = (output / "semantics_test.txt").read_text()
+    assert wer.startswith("%WER ")
+    assert semantics.startswith("Semantic exact-match accuracy: ")
+    assert (output / "train_log.txt").read_text().count("epoch:") == 2
+    # SpeechBrain's --debug: 2 epochs of 2 batches, 2 test batches (of 8).
+    assert results["debug"] is True and results["profile"] == "tiny"
+    assert results["epochs"] == 2
+    assert len(results["test_utterances"]) == 16
+    assert set(results["transcripts"]) == set(results["test_utterances"])
+    assert 0.0 <= results["semantic_accuracy"] <= 100.0
+    assert f"{results['semantic_accuracy']:.2f}%" in semantics
+    assert f"%WER {results['wer']['WER']:.2f}" in wer
+    test = json.loads((debug_run["paths"].manifests / "test.json").read_text())
+    assert set(results["test_utterances"]) <= set(test)
+
+
+def test_every_source_kind_is_used(debug_run):
+    fetched = {row["file"]: row["kind"] for row in debug_run["results"]["fetched"]}
+    assert fetched == {
+        "hyperparams.yaml": "huggingface",
+        "asr.ckpt": "huggingface",
+        "lm.ckpt": "url",
+        "tokenizer.ckpt": "url",
+        "normalizer.ckpt": "local",
+    }
+    collected = debug_run["output"] / "pretrained" / "asr"
+    assert os.path.realpath(collected / "normalizer.ckpt") == os.path.realpath(
+        debug_run["paths"].local_repo / "normalizer.ckpt"
+    )
+
+
+def _recognizer_digests(paths):
+    manifest = json.loads((paths.model_dir / "manifest.json").read_text())
+    return {name: entry["sha256"] for name, entry in sorted(manifest.items())}
+
+
+def test_debug_run_matches_the_stored_expectation(debug_run):
+    results = debug_run["results"]
+    digests = _recognizer_digests(debug_run["paths"])
+    if os.environ.get("SBTEMPLATE_UPDATE_EXPECTED") == "1":
+        EXPECTED.parent.mkdir(parents=True, exist_ok=True)
+        stored = {"recognizer": digests, **{k: v for k, v in results.items() if k != "seconds"}}
+        EXPECTED.write_text(json.dumps(stored, indent=1, sort_keys=True) + "\n")
+    assert EXPECTED.is_file(), f"no stored expectation {EXPECTED}: see this module's docstring"
+    expected = json.loads(EXPECTED.read_text())
+    assert expected["recognizer"] == digests, (
+        "the tiny base recognizer differs from the one the expectation was made with; "
+        "if it was rebuilt on purpose, regenerate the expectation (see the module docstring)"
+    )
+    problems = compare_results(results, expected)
+    assert not problems, "the --debug run drifted from the stored expectation:\n" + "\n".join(problems)
+
+
+def test_the_comparison_catches_drift(debug_run):
+    results = debug_run["results"]
+    assert compare_results(results, copy.deepcopy(results)) == []
+
+    within = copy.deepcopy(results)
+    within["losses"][0]["train_loss"] *= 1 + 1e-6
+    assert compare_results(within, results) == []
+
+    drifted = copy.deepcopy(results)
+    drifted["losses"][1]["valid_loss"] *= 1.01
+    first = drifted["test_utterances"][0]
+    drifted["transcripts"][first] += " EXTRA"
+    problems = compare_results(drifted, results)
+    assert any(p.startswith("losses[1].valid_loss") for p in problems)
+    assert any(p.startswith("transcripts") for p in problems)
+
+    fewer = copy.deepcopy(results)
+    fewer["losses"].pop()
+    assert compare_results(fewer, results) == [
+        f"losses: expected {len(results['losses'])} entries, got {len(fewer['losses'])}"
+    ]
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["missing_repo", "missing_url_file", "unreachable_url", "local_folder_without_file"],
+)
+def test_a_wrong_source_fails_with_the_fetching_error(case, tiny_build, tmp_path):
+    override, expected = {
+        "missing_repo": (
+            ["--asr_repo_id", "synthspeech/no-such-repo"],
+            "Cannot fetch 'hyperparams.yaml' from Hugging Face Hub repo 'synthspeech/no-such-repo'",
+        ),
+        "missing_url_file": (
+            ["--lm_file", "no-such-lm.ckpt"],
+            "Cannot fetch 'no-such-lm.ckpt' from URL http://127.0.0.1:",
+        ),
+        "unreachable_url": (
+            ["--tokenizer_source", f"http://127.0.0.1:{unused_loopback_port()}/models/tokenizer.ckpt"],
+            "Cannot fetch 'tokenizer.ckpt' from URL http://127.0.0.1:",
+        ),
+        "local_folder_without_file": (
+            ["--normalizer_source", str(tmp_path / "normalizer.ckpt")],
+            f"Cannot fetch 'normalizer.ckpt' from local folder '{tmp_path}'",
+        ),
+    }[case]
+    reason = {
+        "missing_repo": "repository not found",
+        "missing_url_file": "file not found on the server (HTTP 404)",
+        "unreachable_url": "the server is unreachable (connection refused",
+        "local_folder_without_file": "no such file in the folder",
+    }[case]
+    done, _ = run_recipe("--output_folder", str(tmp_path / "out"), *override, timeout=300)
+    assert done.returncode == FETCH_FAILED, done.stdout[-2000:] + done.stderr[-2000:]
+    lines = [line for line in done.stderr.splitlines() if line.startswith("FETCH FAILED: ")]
+    assert len(lines) == 1, done.stderr[-2000:]
+    assert expected in lines[0] and reason in lines[0], lines[0]
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_semantics_serialisation_round_trips():
+    semantics = {"intent": "convert_units",
+                 "slots": {"to": "kilometers", "amount": "ninety five", "from": "miles"}}
+    text = serialize_semantics(semantics)
+    assert text == "convert_units | amount = ninety five | from = miles | to = kilometers"
+    assert parse_semantics(text) == semantics
+    assert serialize_semantics({"intent": "cancel_timer", "slots": {}}) == "cancel_timer"
+    for malformed in ("", "| =", "set_timer | duration", "set_timer | = ten", "a b | x = y"):
+        assert parse_semantics(malformed) is None
