@@ -70,7 +70,7 @@ def run(hparams_file, run_opts, overrides):
         main = rank == 0
         if main:
             print(f"Fine-tuning the LM of {hparams['repo_id']} ({profile} profile) on "
-                  f"{world} rank(s), backend {run_opts.distributed_backend if world > 1 else '-'}, "
+                  f"{world} rank(s), backend {torch.distributed.get_backend() if torch.distributed.is_initialized() else '-'}, "
                   f"device {run_opts.device}; {ep.describe()}", flush=True)
 
         # 4. Fetch (rank 0 downloads, the others wait) and load the recognizer.
@@ -105,8 +105,9 @@ def run(hparams_file, run_opts, overrides):
         frozen_before = brain.frozen_digests()
         base_lm = lf.lm_state(brain)
         base_digest = state_digest(brain.lm)
+        backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else None
         results = {"profile": profile, "world_size": world, "device": str(run_opts.device),
-                   "backend": run_opts.distributed_backend if world > 1 else None,
+                   "backend": backend,
                    "perplexity": {}, "wer": {}}
         eval_dir = Path(hparams["eval_folder"])
         timings["setup_s"] = time.time() - started
@@ -217,7 +218,7 @@ def print_summary(results):
                          if k.startswith("finetuned_"))
         lines.append(f"Evaluation paths ({wers}): identical hypotheses for all {p['utterances']}"
                      f" utterances: {p['identical_hypotheses']}; jiwer on the merged files: "
-                     + ", ".join(f"{v:.2f}%" for v in p["jiwer_wer"].values()))
+                     + ", ".join("n/a" if v is None else f"{v:.2f}%" for v in p["jiwer_wer"].values()))
     frozen = results["frozen"]
     lines.append(f"ASR frozen (parameter/buffer digests unchanged on every rank):"
                  f" {frozen['unchanged_on_every_rank']}; LM changed: {results['lm']['changed']}"
