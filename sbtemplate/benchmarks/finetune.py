@@ -10,9 +10,10 @@ Two comparisons, side by side in one run, on a profile's published recognizer:
    how much cheaper LM-only fine-tuning is per step.
 2. One epoch of LM training over the target-domain text with the dynamic
    batches of ``finetune.yaml`` (``train_dynamic_batching``) against shuffled
-   fixed-size batches: padding fraction of the padded token tensors and
-   training throughput (real tokens and sentences per second), from the same
-   initial LM.
+   fixed-size batches (by default as many batches as the dynamic plan, so
+   both take the same number of optimizer steps): padding fraction of the
+   padded token tensors and training throughput (real tokens and sentences per
+   second), from the same initial LM.
 
 Not a test: timings depend on the machine and its load (the load average is
 reported).
@@ -88,7 +89,7 @@ def lm_step_fn(hparams):
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        return float(loss)
+        return loss.item()
 
     return step, sum(p.numel() for p in lm.parameters())
 
@@ -117,7 +118,7 @@ def asr_step_fn(hparams, ctc_weight=0.3, blank_index=0):
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        return float(loss)
+        return loss.item()
 
     return step, sum(p.numel() for p in hparams["asr_model"].parameters())
 
@@ -156,6 +157,8 @@ def batching_comparison(hparams, text_file, dynamic_opts, fixed_batch_size, seed
     lengths = dataset_lengths(dataset)
     sampler = DistributedDynamicBatchSampler(lengths, seed=seed, rank=0, world_size=1,
                                              epoch=1, **dynamic_opts)
+    if not fixed_batch_size:  # as many batches as the dynamic plan
+        fixed_batch_size = max(1, round(len(lengths) / len(sampler.rank_batches)))
     fixed, fixed_stats = fixed_size_batches_stats(lengths, fixed_batch_size, seed=seed)
     plans = {"dynamic": (sampler.rank_batches, sampler.stats()), "fixed": (fixed, fixed_stats)}
     initial = copy.deepcopy(hparams["lm_model"].state_dict())
@@ -181,7 +184,7 @@ def finetune_yaml_batching(path=ROOT / "finetune.yaml"):
     return {k: v for k, v in dict(document["train_dynamic_batching"]).items()}
 
 
-def run(profile="tiny", batch_size=8, repeats=5, fixed_batch_size=16, threads=None, seed=0):
+def run(profile="tiny", batch_size=8, repeats=5, fixed_batch_size=None, threads=None, seed=0):
     from sbtemplate.paths import ProfilePaths
 
     torch.set_flush_denormal(True)
@@ -247,7 +250,8 @@ def main(argv=None):
     parser.add_argument("--profile", default="tiny", choices=("tiny", "full"))
     parser.add_argument("--batch-size", type=int, default=8, help="utterances in the step batch")
     parser.add_argument("--repeats", type=int, default=5, help="timed steps (median kept)")
-    parser.add_argument("--fixed-batch-size", type=int, default=16)
+    parser.add_argument("--fixed-batch-size", type=int, default=None,
+                        help="default: the dynamic plan's mean batch size (same number of steps)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args(argv)
