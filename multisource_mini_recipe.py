@@ -14,7 +14,8 @@ tested on the recognizer's batched, padding-invariant transcripts.
 batches: the regression run. The test stage writes the transcripts' WER, the
 semantics alignments and a JSON summary (semantic exact-match accuracy,
 losses, transcripts, fetched sources) to the files the YAML names. A fetch
-failure prints one clear message and exits with status 2.
+failure (or a profile that is not built) prints one clear message and exits
+with status 2.
 
 Based on SpeechBrain's recipes/timers-and-such/decoupled/train.py
 (Loren Lugosch, Mirco Ravanelli 2020) and its multisource mini recipe
@@ -282,6 +283,9 @@ def main(argv=None):
             fetched = fetched_sources(fetching.fetch_log)
     except fetching.FetchError as error:
         print(f"\nFETCH FAILED: {error}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as error:  # the profile is not built (yet)
+        print(f"\nCANNOT RUN: {error}", file=sys.stderr)
         return 2
     if asr.tokenizer.get_piece_size() > hparams["num_asr_tokens"]:
         raise ValueError(

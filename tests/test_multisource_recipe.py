@@ -202,6 +202,15 @@ def test_a_wrong_source_fails_with_the_fetching_error(case, tiny_build, tmp_path
     assert not (tmp_path / "out" / "results.json").exists()
 
 
+def test_an_unbuilt_profile_is_reported(tmp_path):
+    done, _ = run_recipe("--artifacts", str(tmp_path / "nothing"), "--output_folder", str(tmp_path / "out"),
+                         timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "CANNOT RUN: Nothing to serve" in done.stderr
+    assert "python -m sbtemplate.build --profile tiny" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def test_semantics_serialisation_round_trips():
     semantics = {"intent": "convert_units",
                  "slots": {"to": "kilometers", "amount": "ninety five", "from": "miles"}}
