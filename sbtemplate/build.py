@@ -40,6 +40,8 @@ DESCRIPTORS = {
     "test": SPEECH_SPLITS["target_test"],
 }
 EXAMPLE_WAV = "example.flac"
+# Bumped when the architecture in hparams/ changes, so cached models are retrained.
+ARCHITECTURE_VERSION = 2  # 2: bidirectional GRU in the CRDNN (was LSTM)
 
 
 def _stage(folder, fingerprint, work, force=False):
@@ -158,7 +160,8 @@ def build_asr(paths, cfg, tokenizer_file):
 
     vocab = cfg["tokenizer"]["vocab_size"]
     overrides = _model_overrides(paths.profile, vocab)
-    fingerprint = {"corpus": cfg["corpus"], "tok": cfg["tokenizer"], "asr": cfg["asr"], "model": overrides}
+    fingerprint = {"corpus": cfg["corpus"], "tok": cfg["tokenizer"], "asr": cfg["asr"], "model": overrides,
+                   "architecture": ARCHITECTURE_VERSION}
 
     def work(tmp):
         hparams = _load_hparams(
