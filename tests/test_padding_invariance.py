@@ -9,6 +9,7 @@ at batch size 1, 8 and in dynamic batches, on a random-initialised recognizer
 and on the trained tiny one.
 """
 
+import os
 import copy
 import json
 import random
@@ -74,7 +75,8 @@ def _load(source, savedir, padding_invariant, **overrides):
         source=str(source),
         savedir=str(savedir),
         overrides={"padding_invariant": padding_invariant, **overrides},
-        run_opts={"device": "cpu"},
+        # SBTEMPLATE_DEVICE=cuda:0 runs the same checks on a GPU (gpu_check.sh).
+        run_opts={"device": os.environ.get("SBTEMPLATE_DEVICE", "cpu")},
     )
 
 

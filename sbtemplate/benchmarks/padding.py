@@ -25,6 +25,7 @@ profile, ``allow_random=True`` falls back to a random-initialised recognizer
 on noise (marked as such in the figures).
 """
 
+import os
 import argparse
 import json
 import platform
@@ -60,7 +61,8 @@ def load_recognizer(model_dir, savedir, padding_invariant, beam_size=None):
         source=str(model_dir),
         savedir=str(savedir),
         overrides=overrides,
-        run_opts={"device": "cpu"},
+        # SBTEMPLATE_DEVICE=cuda:0 runs the same checks on a GPU (gpu_check.sh).
+        run_opts={"device": os.environ.get("SBTEMPLATE_DEVICE", "cpu")},
     )
 
 

@@ -1,0 +1,92 @@
+"""One Markdown table of a ``gpu_check.sh`` run.
+
+    python -m sbtemplate.benchmarks.gpu_table OUT_DIR [--cpu-reference DIR]
+
+Reads the fine-tuning ``results.json`` of each launch, the decoding benchmark
+JSONs and the step log, and compares the WERs with a CPU run of the same
+profile (default: ``artifacts/tiny/gpu_reference_cpu/results.json``).
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from sbtemplate.paths import ProfilePaths
+
+RUNS = {"1 rank, NCCL, cuda:0": "ft_1rank_nccl", "2 ranks, gloo, shared cuda:0": "ft_2ranks_gloo"}
+
+
+def _load(path):
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _fmt(value, spec=".2f"):
+    return "-" if value is None else format(value, spec)
+
+
+def table(out_dir, cpu_reference):
+    out_dir = Path(out_dir)
+    lines = ["| run | device | WER base LM | WER fine-tuned (Brain) | paths identical | jiwer agrees | ASR frozen | LM ranks identical |",
+             "|---|---|---|---|---|---|---|---|"]
+    runs = {name: _load(out_dir / folder / "results.json") for name, folder in RUNS.items()}
+    runs["CPU reference (this repo's CPU run)"] = _load(cpu_reference)
+    wers = {}
+    for name, res in runs.items():
+        if res is None:
+            lines.append(f"| {name} | - | missing | | | | | |")
+            continue
+        wer = res.get("wer", {})
+        paths = res.get("paths", {})
+        jiwer = paths.get("jiwer_wer", {})
+        tuned = wer.get("finetuned_brain")
+        agrees = all(v is not None and abs(v - tuned) < 1e-9 for v in jiwer.values()) if jiwer and tuned is not None else None
+        lines.append(
+            f"| {name} | {res.get('device')} | {_fmt(wer.get('base_lm'))} | {_fmt(tuned)} | "
+            f"{paths.get('identical_hypotheses', '-')} | {agrees} | "
+            f"{res.get('frozen', {}).get('unchanged_on_every_rank', '-')} | "
+            f"{all(e.get('ranks_identical') for e in res.get('epochs', [])) if res.get('epochs') else '-'} |"
+        )
+        wers[name] = (wer.get("base_lm"), tuned)
+    known = {k: v for k, v in wers.items() if None not in v}
+    if len(known) > 1:
+        values = list(known.values())
+        spread = max(max(abs(a[i] - b[i]) for a in values for b in values) for i in (0, 1))
+        lines.append(f"\nLargest WER difference between runs (GPU vs CPU included): {spread:.4f} points")
+
+    lines.append("\n| decoding (tiny test set) | GPU utt/s | CPU utt/s | GPU/CPU | identical to bs1 (GPU) |")
+    lines.append("|---|---|---|---|---|")
+    gpu, cpu = _load(out_dir / "decode_gpu.json"), _load(out_dir / "decode_cpu.json")
+    if gpu and cpu:
+        for variant in ("padding_invariant", "stock"):
+            for batching in gpu["utterances_per_wall_second"][variant]:
+                g = gpu["utterances_per_wall_second"][variant][batching]
+                c = cpu["utterances_per_wall_second"][variant][batching]
+                same = gpu["identical_to_bs1"][variant][batching]
+                lines.append(f"| {variant} {batching} | {g:.2f} | {c:.2f} | {g / c:.2f} | "
+                             f"{same}/{gpu['utterances']} |")
+        lines.append(f"\nWER (GPU, padding-invariant): {gpu['wer'].get('padding_invariant')}")
+        lines.append(f"WER (CPU, padding-invariant): {cpu['wer'].get('padding_invariant')}")
+    else:
+        lines.append("| missing | | | | |")
+    steps = out_dir / "steps.txt"
+    if steps.is_file():
+        lines.append("\nSteps (rc, seconds):\n\n" + "\n".join(f"    {s}" for s in steps.read_text().splitlines()))
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out_dir")
+    parser.add_argument("--cpu-reference",
+                        default=ProfilePaths.for_profile("tiny").root / "gpu_reference_cpu" / "results.json")
+    args = parser.parse_args(argv)
+    print(table(args.out_dir, args.cpu_reference))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
