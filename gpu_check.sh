@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check, prepared to finish in under 6 minutes on one GPU.
+# GPU check, prepared to finish in under 6 minutes on one GPU (each step has its own time limit).
 #
 #   bash gpu_check.sh [OUT_DIR]
 #
@@ -11,7 +11,7 @@
 # 4. runs the padding-invariance tests on CUDA;
 # 5. measures decoding throughput on the GPU against the CPU;
 # 6. prints one table (sbtemplate.benchmarks.gpu_table), comparing with the CPU
-#    run in artifacts/tiny/gpu_reference_cpu when it is there.
+#    run in artifacts/tiny/results/gpu_reference_cpu when it is there.
 set -uo pipefail
 cd "$(dirname "$0")"
 OUT_DIR=${1:-${OUT:-results/gpu_check}}
@@ -36,16 +36,16 @@ step() {  # step NAME TIMEOUT_S COMMAND...: log to OUT_DIR/NAME.log, record rc
     tail -n 4 "$OUT_DIR/$name.log"
 }
 
-step build 120 "$PY" -m sbtemplate.build --profile tiny
-step finetune_1rank_nccl 150 "$PY" -m torch.distributed.run --nproc_per_node=1 \
+step build 60 "$PY" -m sbtemplate.build --profile tiny
+step finetune_1rank_nccl 100 "$PY" -m torch.distributed.run --nproc_per_node=1 \
     finetune.py finetune.yaml --profile tiny --output_folder="$OUT_DIR/ft_1rank_nccl"
-step finetune_2ranks_gloo 150 "$PY" -m torch.distributed.run --nproc_per_node=2 \
+step finetune_2ranks_gloo 100 "$PY" -m torch.distributed.run --nproc_per_node=2 \
     finetune.py finetune.yaml --profile tiny --distributed_backend=gloo --device=cuda:0 \
     --output_folder="$OUT_DIR/ft_2ranks_gloo"
-SBTEMPLATE_DEVICE=cuda:0 step padding_tests_cuda 150 "$PY" -m pytest -q -p no:cacheprovider \
+SBTEMPLATE_DEVICE=cuda:0 step padding_tests_cuda 90 "$PY" -m pytest -q -p no:cacheprovider \
     tests/test_padding_invariance.py
-SBTEMPLATE_DEVICE=cuda:0 step decode_gpu 90 "$PY" -m sbtemplate.benchmarks.padding \
+SBTEMPLATE_DEVICE=cuda:0 step decode_gpu 45 "$PY" -m sbtemplate.benchmarks.padding \
     --profile tiny --no-stages --json "$OUT_DIR/decode_gpu.json"
-SBTEMPLATE_DEVICE=cpu step decode_cpu 90 "$PY" -m sbtemplate.benchmarks.padding \
+SBTEMPLATE_DEVICE=cpu step decode_cpu 45 "$PY" -m sbtemplate.benchmarks.padding \
     --profile tiny --no-stages --threads 8 --json "$OUT_DIR/decode_cpu.json"
 "$PY" -m sbtemplate.benchmarks.gpu_table "$OUT_DIR" | tee "$OUT_DIR/table.md"

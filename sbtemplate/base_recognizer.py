@@ -6,10 +6,15 @@ the synthetic corpus. ``sbtemplate.build`` calls them in order and publishes
 the result in the layout ``EncoderDecoderASR.from_hparams`` loads.
 """
 
+import contextlib
 import json
 import logging
 import math
+import os
+import random
 from pathlib import Path
+
+import numpy as np
 
 import sentencepiece as spm
 import speechbrain as sb
@@ -26,32 +31,55 @@ def train_tokenizer(out_dir, text_lines, vocab_size):
     Ids: 0 = unk (shared with the CTC blank), 1 = bos, 2 = eos, as the
     template's ASR hyperparameters expect.
     """
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
-    text_file = out_dir / "tokenizer_train.txt"
-    text_file.write_text("\n".join(text_lines) + "\n")
     # SentencePiece reads its training text from a CSV/JSON annotation; a
     # one-column JSON keeps it simple.
     annotation = out_dir / "tokenizer_train.json"
     annotation.write_text(
         json.dumps({f"s{i}": {"words": line} for i, line in enumerate(text_lines)})
     )
-    SentencePiece(
-        model_dir=str(out_dir),
-        vocab_size=vocab_size,
-        annotation_train=str(annotation),
-        annotation_read="words",
-        annotation_format="json",
-        model_type="unigram",
-        character_coverage=1.0,
-        bos_id=1,
-        eos_id=2,
-        unk_id=0,
-    )
+    # The model file records its training-text path: train from inside the
+    # folder with relative paths, so the bytes do not depend on where the
+    # artefacts live.
+    with _working_directory(out_dir):
+        SentencePiece(
+            model_dir=".",
+            vocab_size=vocab_size,
+            annotation_train=annotation.name,
+            annotation_read="words",
+            annotation_format="json",
+            model_type="unigram",
+            character_coverage=1.0,
+            bos_id=1,
+            eos_id=2,
+            unk_id=0,
+        )
     model = out_dir / f"{vocab_size}_unigram.model"
     if not model.is_file():
         raise RuntimeError(f"SentencePiece did not write {model}")
     return model
+
+
+@contextlib.contextmanager
+def _working_directory(path):
+    previous = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
+
+
+def seed_everything(seed):
+    """Seed every generator training touches.
+
+    The YAML's ``torch.manual_seed`` is not enough: SpeechBrain's Augmenter
+    draws from Python's ``random``, so an unseeded run trains another model.
+    """
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def load_tokenizer(model_file):

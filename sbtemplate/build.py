@@ -41,7 +41,7 @@ DESCRIPTORS = {
 }
 EXAMPLE_WAV = "example.flac"
 # Bumped when the architecture in hparams/ changes, so cached models are retrained.
-ARCHITECTURE_VERSION = 2  # 2: bidirectional GRU in the CRDNN (was LSTM)
+ARCHITECTURE_VERSION = 3  # 2: bidirectional GRU in the CRDNN (was LSTM); 3: fully seeded
 
 
 def _stage(folder, fingerprint, work, force=False):
@@ -115,20 +115,21 @@ def build_tokenizer(paths, cfg):
     def work(tmp):
         train_tokenizer(tmp, read_text_lines(paths.manifests / "lm_train.txt"), vocab)
 
-    folder = _stage(paths.root / "tokenizer", {"corpus": cfg["corpus"], "tok": cfg["tokenizer"]}, work)
+    folder = _stage(paths.root / "tokenizer", {"corpus": cfg["corpus"], "tok": cfg["tokenizer"], "v": 2}, work)
     return folder / f"{vocab}_unigram.model"
 
 
 def build_lm(paths, cfg, tokenizer_file):
     import speechbrain as sb
 
-    from sbtemplate.base_recognizer import LMBrain, lm_text_dataset, load_tokenizer
+    from sbtemplate.base_recognizer import LMBrain, lm_text_dataset, load_tokenizer, seed_everything
 
     vocab = cfg["tokenizer"]["vocab_size"]
     overrides = {k: v for k, v in _model_overrides(paths.profile, vocab).items() if k.startswith("lm_") or k == "output_neurons"}
     fingerprint = {"corpus": cfg["corpus"], "tok": cfg["tokenizer"], "lm": cfg["lm"], "model": overrides}
 
     def work(tmp):
+        seed_everything(SEED)
         hparams = _load_hparams(
             "base_lm.yaml",
             {**overrides, **cfg["lm"], "output_folder": str(tmp),
@@ -156,7 +157,7 @@ def build_lm(paths, cfg, tokenizer_file):
 def build_asr(paths, cfg, tokenizer_file):
     import speechbrain as sb
 
-    from sbtemplate.base_recognizer import ASRBrain, asr_datasets, load_tokenizer
+    from sbtemplate.base_recognizer import ASRBrain, asr_datasets, load_tokenizer, seed_everything
 
     vocab = cfg["tokenizer"]["vocab_size"]
     overrides = _model_overrides(paths.profile, vocab)
@@ -164,6 +165,7 @@ def build_asr(paths, cfg, tokenizer_file):
                    "architecture": ARCHITECTURE_VERSION}
 
     def work(tmp):
+        seed_everything(SEED)
         hparams = _load_hparams(
             "base_asr.yaml",
             {**overrides, **cfg["asr"], "output_folder": str(tmp),

@@ -4,7 +4,7 @@
 
 Reads the fine-tuning ``results.json`` of each launch, the decoding benchmark
 JSONs and the step log, and compares the WERs with a CPU run of the same
-profile (default: ``artifacts/tiny/gpu_reference_cpu/results.json``).
+profile (default: ``artifacts/tiny/results/gpu_reference_cpu/results.json``).
 """
 
 import argparse
@@ -82,7 +82,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir")
     parser.add_argument("--cpu-reference",
-                        default=ProfilePaths.for_profile("tiny").root / "gpu_reference_cpu" / "results.json")
+                        default=ProfilePaths.for_profile("tiny").root / "results" / "gpu_reference_cpu" / "results.json")
     args = parser.parse_args(argv)
     print(table(args.out_dir, args.cpu_reference))
     return 0
