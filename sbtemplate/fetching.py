@@ -35,6 +35,7 @@ Typical use (see single_node_pretrained.py)::
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import socket
 import sys
@@ -45,6 +46,8 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from sbtemplate.manifest import MANIFEST_NAME, sha256_file
+
+logger = logging.getLogger(__name__)
 
 KIND_LOCAL = "local"
 KIND_HUB = "huggingface"
@@ -705,13 +708,32 @@ def _fetch_url(request):
         def refresh():
             return _url_manifest(request, refresh=True)
 
-        _verify(
-            request,
-            path,
-            manifest,
-            purge=lambda: _remove_link_or_file(destination),
-            refresh=refresh if request.config.allow_network else None,
-        )
+        def verify(path):
+            _verify(
+                request,
+                path,
+                manifest,
+                purge=lambda: _remove_link_or_file(destination),
+                refresh=refresh if request.config.allow_network else None,
+            )
+
+        try:
+            verify(path)
+        except FetchError:
+            if not (was_there and request.config.allow_network):
+                raise
+            # A stale cache hit (the source was republished since): the bad copy
+            # is gone, so download once more and verify that.
+            logger.info("Cached %s does not match the source's manifest: downloading it again",
+                        request.filename)
+            try:
+                with _socket_timeout(_policy.io_timeout):
+                    path = request.sb_fetch()
+            except Exception as exc:  # noqa: BLE001
+                _remove_link_or_file(destination)
+                raise request.error(_describe(exc, request)) from exc
+            verify(path)
+            was_there = False
     return Path(path), ("cached" if was_there else "downloaded")
 
 
