@@ -36,16 +36,16 @@ step() {  # step NAME TIMEOUT_S COMMAND...: log to OUT_DIR/NAME.log, record rc
     tail -n 4 "$OUT_DIR/$name.log"
 }
 
-step build 60 "$PY" -m sbtemplate.build --profile tiny
-step finetune_1rank_nccl 100 "$PY" -m torch.distributed.run --nproc_per_node=1 \
+step build 40 "$PY" -m sbtemplate.build --profile tiny
+step finetune_1rank_nccl 90 "$PY" -m torch.distributed.run --nproc_per_node=1 \
     finetune.py finetune.yaml --profile tiny --output_folder="$OUT_DIR/ft_1rank_nccl"
-step finetune_2ranks_gloo 100 "$PY" -m torch.distributed.run --nproc_per_node=2 \
+step finetune_2ranks_gloo 90 "$PY" -m torch.distributed.run --nproc_per_node=2 \
     finetune.py finetune.yaml --profile tiny --distributed_backend=gloo --device=cuda:0 \
     --output_folder="$OUT_DIR/ft_2ranks_gloo"
-SBTEMPLATE_DEVICE=cuda:0 step padding_tests_cuda 90 "$PY" -m pytest -q -p no:cacheprovider \
+SBTEMPLATE_DEVICE=cuda:0 step padding_tests_cuda 80 "$PY" -m pytest -q -p no:cacheprovider \
     tests/test_padding_invariance.py
-SBTEMPLATE_DEVICE=cuda:0 step decode_gpu 45 "$PY" -m sbtemplate.benchmarks.padding \
+SBTEMPLATE_DEVICE=cuda:0 step decode_gpu 40 "$PY" -m sbtemplate.benchmarks.padding \
     --profile tiny --no-stages --json "$OUT_DIR/decode_gpu.json"
-SBTEMPLATE_DEVICE=cpu step decode_cpu 45 "$PY" -m sbtemplate.benchmarks.padding \
+SBTEMPLATE_DEVICE=cpu step decode_cpu 40 "$PY" -m sbtemplate.benchmarks.padding \
     --profile tiny --no-stages --threads 8 --json "$OUT_DIR/decode_cpu.json"
 "$PY" -m sbtemplate.benchmarks.gpu_table "$OUT_DIR" | tee "$OUT_DIR/table.md"

@@ -38,6 +38,7 @@ from sbtemplate.padding_invariant.decoding import (
 )
 from sbtemplate.padding_invariant.encoder import (
     conv2d_own_padding,
+    normalizer_statistics_to,
     pooled_lengths,
     rnn_own_lengths,
 )
@@ -71,13 +72,15 @@ def _waveforms(lengths_s, seed=1):
 
 
 def _load(source, savedir, padding_invariant, **overrides):
-    return EncoderDecoderASR.from_hparams(
+    asr = EncoderDecoderASR.from_hparams(
         source=str(source),
         savedir=str(savedir),
         overrides={"padding_invariant": padding_invariant, **overrides},
         # SBTEMPLATE_DEVICE=cuda:0 runs the same checks on a GPU (gpu_check.sh).
         run_opts={"device": os.environ.get("SBTEMPLATE_DEVICE", "cpu")},
     )
+    normalizer_statistics_to(asr.mods, asr.device)
+    return asr
 
 
 @pytest.fixture(scope="module")

@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 from sbtemplate.padding_invariant import diagnostics
+from sbtemplate.padding_invariant.encoder import normalizer_statistics_to
 from sbtemplate.padding_invariant.decoding import (
     by_length,
     compare,
@@ -57,13 +58,15 @@ def load_recognizer(model_dir, savedir, padding_invariant, beam_size=None):
     overrides = {"padding_invariant": padding_invariant}
     if beam_size is not None:
         overrides["beam_size"] = beam_size
-    return EncoderDecoderASR.from_hparams(
+    asr = EncoderDecoderASR.from_hparams(
         source=str(model_dir),
         savedir=str(savedir),
         overrides=overrides,
         # SBTEMPLATE_DEVICE=cuda:0 runs the same checks on a GPU (gpu_check.sh).
         run_opts={"device": os.environ.get("SBTEMPLATE_DEVICE", "cpu")},
     )
+    normalizer_statistics_to(asr.mods, asr.device)
+    return asr
 
 
 def data_root(paths):

@@ -24,7 +24,7 @@ def pad_batch(seqs):
     batch = seqs[0].new_zeros((len(seqs), T) + tuple(seqs[0].shape[1:]))
     for i, s in enumerate(seqs):
         batch[i, : s.shape[0]] = s
-    rel = torch.tensor([s.shape[0] / T for s in seqs])
+    rel = torch.tensor([s.shape[0] / T for s in seqs], device=seqs[0].device)
     return batch, rel
 
 
@@ -43,11 +43,12 @@ def is_padding_invariant(asr):
 @torch.no_grad()
 def feature_leak(asr, wavs):
     """Max |batched - alone| of the normalised features over each own frame."""
+    wavs = [w.to(asr.device) for w in wavs]
     enc = asr.mods.encoder
     batch, rel = pad_batch(wavs)
-    fb = enc.normalize(enc.compute_features(batch), torch.ones(len(wavs)))
+    fb = enc.normalize(enc.compute_features(batch), torch.ones(len(wavs), device=asr.device))
     lone = [
-        enc.normalize(enc.compute_features(w.unsqueeze(0)), torch.ones(1))
+        enc.normalize(enc.compute_features(w.unsqueeze(0)), torch.ones(1, device=asr.device))
         for w in wavs
     ]
     return _valid_diff(fb, lone)
@@ -60,9 +61,10 @@ def conv_boundary_leak(asr, wavs):
     The input is the same for both (each utterance's lone features, zero-padded
     into a batch), so only the convolutions' boundary handling differs.
     """
+    wavs = [w.to(asr.device) for w in wavs]
     enc = asr.mods.encoder
     lone_feats = [
-        enc.normalize(enc.compute_features(w.unsqueeze(0)), torch.ones(1))[0]
+        enc.normalize(enc.compute_features(w.unsqueeze(0)), torch.ones(1, device=asr.device))[0]
         for w in wavs
     ]
     batch, _ = pad_batch(lone_feats)
@@ -82,11 +84,12 @@ def rnn_leak(asr, wavs):
     The RNN input is each utterance's lone pre-RNN activation, zero-padded into
     a batch, so only the recurrent layers' handling of the padding differs.
     """
+    wavs = [w.to(asr.device) for w in wavs]
     enc = asr.mods.encoder
     model = enc.model
     pre = []
     for w in wavs:
-        f = enc.normalize(enc.compute_features(w.unsqueeze(0)), torch.ones(1))
+        f = enc.normalize(enc.compute_features(w.unsqueeze(0)), torch.ones(1, device=asr.device))
         x = model.time_pooling(model.CNN(f))
         pre.append(x.reshape(1, x.shape[1], -1)[0])
     batch, _ = pad_batch(pre)
@@ -106,9 +109,10 @@ def encoder_lengths(asr, wavs):
     ``round(wav_rel * padded encoder frames)``; the padding-invariant one the
     exact counts attached by the encoder.
     """
+    wavs = [w.to(asr.device) for w in wavs]
     batch, rel = pad_batch(wavs)
     out = asr.encode_batch(batch, rel)
-    own = [asr.encode_batch(w.unsqueeze(0), torch.ones(1)).shape[1] for w in wavs]
+    own = [asr.encode_batch(w.unsqueeze(0), torch.ones(1, device=asr.device)).shape[1] for w in wavs]
     seen = frame_lengths_of(out)
     if seen is None:
         seen = torch.round(out.shape[1] * rel)
@@ -118,9 +122,10 @@ def encoder_lengths(asr, wavs):
 @torch.no_grad()
 def encoder_leak(asr, wavs):
     """Max |batched - alone| of the encoder output over each own frame."""
+    wavs = [w.to(asr.device) for w in wavs]
     batch, rel = pad_batch(wavs)
     out = asr.encode_batch(batch, rel)
-    lone = [asr.encode_batch(w.unsqueeze(0), torch.ones(1)) for w in wavs]
+    lone = [asr.encode_batch(w.unsqueeze(0), torch.ones(1, device=asr.device)) for w in wavs]
     return _valid_diff(out, lone)
 
 
@@ -142,7 +147,7 @@ def search_leak(searcher, enc_outs):
         hb, _, sb, _ = searcher(batch, rel, enc_lens=enc_lens)
     else:
         hb, _, sb, _ = searcher(batch, rel)
-    lone = [searcher(e, torch.ones(1)) for e in enc_outs]
+    lone = [searcher(e, torch.ones(1, device=e.device)) for e in enc_outs]
     hl = [out[0][0] for out in lone]
     sl = [out[2].reshape(-1)[0] for out in lone]
     sb = sb.reshape(len(enc_outs), -1)[:, 0]
@@ -153,12 +158,14 @@ def search_leak(searcher, enc_outs):
 
 def lone_encoder_outputs(asr, wavs):
     """Each utterance's encoder output on its own, ``[1, T_i, D]``."""
+    wavs = [w.to(asr.device) for w in wavs]
     with torch.no_grad():
-        return [asr.encode_batch(w.unsqueeze(0), torch.ones(1)) for w in wavs]
+        return [asr.encode_batch(w.unsqueeze(0), torch.ones(1, device=asr.device)) for w in wavs]
 
 
 def stage_report(asr, wavs):
     """All per-stage figures for one recognizer, as a dict."""
+    wavs = [w.to(asr.device) for w in wavs]
     own, seen = encoder_lengths(asr, wavs)
     same, total, score_diff, _, _ = search_leak(
         asr.mods.decoder, lone_encoder_outputs(asr, wavs)

@@ -490,6 +490,21 @@ def _statistics_to(normalizer, device):
             setattr(normalizer, name, value.to(device))
 
 
+def normalizer_statistics_to(module, device):
+    """Move the statistics of every ``InputNormalization`` inside ``module``.
+
+    Needed for the stock classes on a GPU (the padding-invariant encoder does
+    it by itself): ``EncoderDecoderASR.from_hparams(..., run_opts={"device":
+    "cuda"})`` moves modules, not these plain tensor attributes.
+    """
+    from speechbrain.processing.features import InputNormalization
+
+    for layer in module.modules():
+        if isinstance(layer, InputNormalization):
+            _statistics_to(layer, torch.device(device))
+    return module
+
+
 class PaddingInvariantEncoder(LengthsCapableSequential):
     """``compute_features -> normalize -> model`` with exact lengths throughout.
 
