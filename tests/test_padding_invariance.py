@@ -48,6 +48,12 @@ from sbtemplate.benchmarks.padding import data_root
 from sbtemplate.paths import ProfilePaths
 
 SAMPLE_RATE = 16000
+
+if os.environ.get("SBTEMPLATE_DEVICE", "cpu").startswith("cuda"):
+    # TF32 convolutions and matmuls round differently for each tensor shape,
+    # which the per-stage 1e-4/1e-5 bounds are not meant to absorb.
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
 # Very different lengths (0.2 s to 2.3 s), in no particular order.
 LENGTHS_S = [0.21, 2.3, 0.55, 1.12, 0.31, 1.73, 0.87, 0.43, 1.41, 0.66]
 
@@ -458,7 +464,8 @@ def test_padding_past_the_longest_utterance(random_asr, wavs):
     assert [list(map(int, t)) for t in tok_a] == [list(map(int, t)) for t in tok_b]
     # the stock classes fail here: the CTC scorer's mask is sized by the longest
     # rounded length, the encoder output by the padded one
-    with pytest.raises(RuntimeError, match="must match the size"), torch.no_grad():
+    # CPU: "... must match the size of tensor b ..."; CUDA: "... must match the existing size ..."
+    with pytest.raises(RuntimeError, match="must match the (existing )?size"), torch.no_grad():
         random_asr[False].transcribe_batch(extra, rel_extra)
 
 
