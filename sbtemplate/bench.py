@@ -42,7 +42,7 @@ def _plots(figures, out):
         for variant, style in (("stock", "o--"), ("padding_invariant", "s-")):
             wer = padding["wer"][variant]
             names = [n for n in ("bs1", "bs8", "bs16", "dynamic") if n in wer]
-            ax.plot(range(len(names)), [wer[n] for n in names], style, label=variant.replace("_", "-"))
+            ax.plot(range(len(names)), [wer[n]["WER"] for n in names], style, label=variant.replace("_", "-"))
         ax.set_xticks(range(len(names)), names)
         ax.set_ylabel("WER (%)")
         ax.set_title(f"WER against batching ({padding['utterances']} utterances)")
