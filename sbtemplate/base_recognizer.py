@@ -90,8 +90,17 @@ def load_tokenizer(model_file):
 
 # ----------------------------------------------------------------------- LM --
 def lm_text_dataset(sentences, tokenizer, bos_index, eos_index, prefix="s"):
-    """A DynamicItemDataset of sentences → tokens_bos / tokens_eos for LM training."""
-    data = {f"{prefix}{i:06d}": {"words": s} for i, s in enumerate(sentences)}
+    """A DynamicItemDataset of sentences → tokens_bos / tokens_eos for LM training.
+
+    ``sentences`` is ``{id: words}`` or a list (ids ``<prefix>000000``...). Each
+    item's ``length`` is its token count + 1, for dynamic batching.
+    """
+    if not isinstance(sentences, dict):
+        sentences = {f"{prefix}{i:06d}": s for i, s in enumerate(sentences)}
+    data = {
+        utt_id: {"words": words, "length": len(tokenizer.encode_as_ids(words)) + 1}
+        for utt_id, words in sentences.items()
+    }
     dataset = sb.dataio.dataset.DynamicItemDataset(data)
 
     @sb.utils.data_pipeline.takes("words")

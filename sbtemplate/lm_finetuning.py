@@ -27,6 +27,7 @@ import torch
 from speechbrain.dataio.dataio import length_to_mask, read_audio
 from speechbrain.utils.metric_stats import ErrorRateStats
 
+from sbtemplate.base_recognizer import lm_text_dataset  # noqa: F401 - used as lf.lm_text_dataset
 from sbtemplate.ddp_dynamic_batching import DistributedDynamicBatchSampler
 from sbtemplate.distributed import DDPEvalMixin, check_ledger, exchange, rank_and_world_size
 from sbtemplate.distributed.brain import unwrapped_ddp
@@ -193,25 +194,6 @@ def read_text_split(path):
         return {str(k): v["words"] for k, v in entries.items()}
     lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
     return {f"{path.stem}-{i:06d}": line for i, line in enumerate(lines)}
-
-
-def lm_text_dataset(sentences, tokenizer, bos_index, eos_index):
-    """DynamicItemDataset of ``{id: words}`` with ``length`` = token count + 1 (bos/eos)."""
-    data = {}
-    for utt_id, words in sentences.items():
-        data[utt_id] = {"words": words, "length": len(tokenizer.encode_as_ids(words)) + 1}
-    dataset = sb.dataio.dataset.DynamicItemDataset(data)
-
-    @sb.utils.data_pipeline.takes("words")
-    @sb.utils.data_pipeline.provides("tokens_bos", "tokens_eos")
-    def text_pipeline(words):
-        tokens = tokenizer.encode_as_ids(words)
-        yield torch.LongTensor([bos_index] + tokens)
-        yield torch.LongTensor(tokens + [eos_index])
-
-    sb.dataio.dataset.add_dynamic_item([dataset], text_pipeline)
-    sb.dataio.dataset.set_output_keys([dataset], ["id", "tokens_bos", "tokens_eos"])
-    return dataset
 
 
 def dataset_lengths(dataset):
