@@ -23,10 +23,11 @@ PROFILES = {
         },
         "tokenizer": {"vocab_size": 200},
         "lm": {"number_of_epochs": 6, "batch_size": 64},
-        # Clean synthetic test speech: no augmentation, which also lets the
-        # small model leave the CTC blank plateau sooner.
-        "asr": {"number_of_epochs": 16, "number_of_ctc_epochs": 16, "batch_size": 8,
-                "ctc_weight": 0.5, "lr": 0.003, "augment_prob": 0.0},
+        # The CTC blank plateau decides the training time: Adam at 1e-3 with
+        # small batches and no dropout leaves it within a few epochs (at 3e-3
+        # it stays there for 18). Clean synthetic test speech: no augmentation.
+        "asr": {"number_of_epochs": 20, "number_of_ctc_epochs": 20, "batch_size": 4,
+                "ctc_weight": 0.5, "lr": 0.001, "dropout": 0.0, "augment_prob": 0.0},
         # Narrower CNN front end: the convolutions run at full frame rate and
         # dominate the step time on CPU.
         "model_overrides": {"cnn_channels": (16, 32)},
