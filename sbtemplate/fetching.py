@@ -632,7 +632,22 @@ def _fetch_hub(request):
         raise request.error(_describe(exc, request)) from exc
     if _policy.verify:
         manifest = _hub_manifest(request)
-        _verify(request, path, manifest, purge=lambda: _purge_hub(request, path))
+        try:
+            _verify(request, path, manifest, purge=lambda: _purge_hub(request, path))
+        except FetchError:
+            if not (was_there and request.config.allow_network):
+                raise
+            # The savedir held a copy of an older revision (the repo was
+            # republished since): it is gone now, so fetch once more and verify.
+            logger.info("%s in %s does not match the repo's manifest: fetching it again",
+                        request.filename, request.savedir)
+            try:
+                path = request.sb_fetch()
+            except Exception as exc:  # noqa: BLE001
+                _remove_link_or_file(destination)
+                raise request.error(_describe(exc, request)) from exc
+            _verify(request, path, manifest, purge=lambda: _purge_hub(request, path))
+            cached = False
     return Path(path), ("cached" if cached else "downloaded")
 
 
@@ -703,7 +718,9 @@ def _fetch_url(request):
             _remove_link_or_file(destination)  # SpeechBrain leaves partial files
         raise request.error(_describe(exc, request)) from exc
     if _policy.verify:
-        manifest = _url_manifest(request)
+        # A plain URL has no revision: with the network allowed, re-read the
+        # manifest each time, so a republished file is noticed.
+        manifest = _url_manifest(request, refresh=request.config.allow_network)
 
         def refresh():
             return _url_manifest(request, refresh=True)

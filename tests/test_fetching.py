@@ -87,7 +87,8 @@ def test_second_fetch_is_a_cache_hit_without_download(served, tmp_path):
     fetch("tokenizer.ckpt", url(served.url_base), savedir=save)
 
     assert served.hub.gets() == []  # at most HEAD checks, no download
-    assert served.urls.requests == []
+    # the URL source's manifest is re-read (a URL has no revision), nothing else
+    assert [r.path.rsplit("/", 1)[-1] for r in served.urls.requests] == ["manifest.json"]
     assert [r.status for r in fetching.fetch_log[-3:]] == ["cached"] * 3
 
 
@@ -97,7 +98,7 @@ def test_url_fetch_without_savedir_lands_in_the_fetch_cache(served, fake_repo, t
     assert Path(path).read_bytes() == (fake_repo / "tokenizer.ckpt").read_bytes()
     served.urls.clear_log()
     assert sb().fetch("tokenizer.ckpt", url(served.url_base)) == path
-    assert served.urls.requests == []
+    assert [r.path.rsplit("/", 1)[-1] for r in served.urls.requests] == ["manifest.json"]
 
 
 def test_guard_refuses_other_hosts():
@@ -182,6 +183,25 @@ def test_bad_download_is_never_kept_and_is_fetched_again(served, fake_repo, tmp_
     path = fetch("lm.ckpt", source, savedir=savedir)  # fault gone: downloads again
     assert len(server.gets("/lm.ckpt")) == downloads + 1
     assert file_bytes(path) == good
+
+
+@pytest.mark.parametrize("kind", ["hub", "url"])
+def test_republished_file_replaces_the_savedir_copy(served, fake_repo, tmp_path, kind):
+    """A rebuild republishes lm.ckpt with the same size and new bytes: the copy
+    already in the savedir is stale, and the next fetch replaces it, not fails."""
+    from sbtemplate.manifest import write_manifest
+
+    fetch = sb().fetch
+    source = hub() if kind == "hub" else url(served.url_base)
+    savedir = tmp_path / "save"
+    old = file_bytes(fetch("lm.ckpt", source, savedir=savedir))
+    new = bytes(255 - b for b in old)  # same size, other content
+    (fake_repo / "lm.ckpt").write_bytes(new)
+    write_manifest(fake_repo)
+
+    path = fetch("lm.ckpt", source, savedir=savedir)
+    assert file_bytes(path) == new
+    assert file_bytes(savedir / "lm.ckpt") == new
 
 
 def test_cut_off_url_download_leaves_no_partial_file(served, fake_repo, tmp_path):
