@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from sbtemplate.corpus.builder import SPEECH_SPLITS, build_corpus
+from sbtemplate.corpus.builder import SPEECH_SPLITS, build_corpus, corpus_fingerprint
 from sbtemplate.data_prep import prepare_corpus, read_text_lines
 from sbtemplate.manifest import write_manifest
 from sbtemplate.paths import SEED, ProfilePaths
@@ -274,6 +274,9 @@ def _build_locked(paths, force, progress):
     timings = {}
     t0 = time.time()
     build_corpus(paths.corpus, cfg["corpus"], seed=SEED, progress=progress)
+    # Every later stage depends on the corpus bytes, not only on its sizes: a
+    # new corpus version (grammar, voices) must retrain them.
+    cfg = {**cfg, "corpus": corpus_fingerprint(cfg["corpus"], SEED)}
     timings["corpus"] = time.time() - t0
     t = time.time()
     build_manifests(paths, cfg)

@@ -26,11 +26,12 @@ PROFILES = {
         # The CTC blank plateau decides the training time: Adam at 1e-3 with
         # small batches and no dropout leaves it within a few epochs (at 3e-3
         # it stays there for 18). Clean synthetic test speech: no augmentation.
-        "asr": {"number_of_epochs": 20, "number_of_ctc_epochs": 20, "batch_size": 4,
+        "asr": {"number_of_epochs": 16, "number_of_ctc_epochs": 16, "batch_size": 4,
                 "ctc_weight": 0.5, "lr": 0.001, "dropout": 0.0, "augment_prob": 0.0},
-        # Narrower CNN front end: the convolutions run at full frame rate and
-        # dominate the step time on CPU.
-        "model_overrides": {"cnn_channels": (16, 32)},
+        # A GRU encoder with the full CNN front end leaves the CTC plateau in
+        # far fewer epochs than the LSTM with a narrow one (25% against 74%
+        # greedy valid WER after 9 epochs), for about twice the step time.
+        "model_overrides": {"rnn_type": "GRU"},
         "eval": {"beam_size": 8},
     },
     "tiny": {

@@ -87,6 +87,30 @@ def test_interrupted_stage_is_redone_not_reused(tmp_path):
     assert len(calls) == 2
 
 
+def test_later_stages_depend_on_the_corpus_version(tmp_path, monkeypatch):
+    """A new corpus (grammar or voices changed, same sizes) must retrain the
+    tokenizer, LM and ASR: their fingerprints carry the corpus version."""
+    from sbtemplate.corpus import builder
+
+    seen = []
+
+    def record(paths, cfg, *args):
+        seen.append(cfg["corpus"])
+        raise StopIteration  # stop after the first stage
+
+    monkeypatch.setattr(build_mod, "build_corpus", lambda *a, **k: None)
+    monkeypatch.setattr(build_mod, "build_manifests", record)
+    paths = ProfilePaths("tiny", tmp_path)
+    versions = []
+    for version in (1, 2):
+        monkeypatch.setattr(builder, "CORPUS_VERSION", version)
+        with pytest.raises(StopIteration):
+            build_mod._build_locked(paths, force=False, progress=False)
+        versions.append(seen[-1]["version"])
+    assert versions == [1, 2]
+    assert seen[0]["sizes"] == get_profile("tiny")["corpus"]
+
+
 def test_lm_training_is_deterministic(tiny_build, tmp_path):
     cfg = get_profile("tiny")
     tokenizer = next((tiny_build.root / "tokenizer").glob("*.model"))

@@ -98,6 +98,18 @@ def test_splits_are_disjoint_at_scale():
             seen[text] = name
 
 
+def test_general_speech_covers_every_target_word():
+    """LM fine-tuning can only fix word order: the acoustic model must have
+    heard each target-domain word in the full profile's general training speech."""
+    from sbtemplate.profiles import get_profile
+
+    sizes = get_profile("full")["corpus"]
+    splits = split_domains({k: v for k, v in sizes.items() if not k.endswith("_files")}, seed=2602)
+    heard = {w for text in splits["general_train"] for w in text.split()}
+    target = {w for name in ("target_test", "target_lm_train") for text, _ in splits[name] for w in text.split()}
+    assert target - heard == set()
+
+
 def test_no_test_sentence_in_any_training_text(tiny_build):
     m = tiny_build.manifests
     training = set(read_text_lines(m / "lm_train.txt"))

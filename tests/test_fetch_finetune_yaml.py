@@ -88,7 +88,9 @@ def test_three_sources_through_pretrainers(artifacts, fake_repo, tmp_path, resto
         ep.served.hub.clear_log()
         ep.served.urls.clear_log()
         hparams["pretrainer_all"].collect_files()
-        assert ep.served.hub.gets() == [] and ep.served.urls.requests == []
+        assert ep.served.hub.gets() == []
+        # only the URL source's manifest is re-read (a URL has no revision)
+        assert [r.path.rsplit("/", 1)[-1] for r in ep.served.urls.requests] == ["manifest.json"]
 
 
 def test_public_mode_is_one_setting(tmp_path, restored_fetching):

@@ -407,8 +407,13 @@ def _decodings(asr, wavs, durations, dynamic=True):
         "bs8": decode(asr, wavs, fixed_size_batches(n, 8)),
     }
     if dynamic:
-        budget = 4 * sum(durations) / len(durations)  # about 4 utterances a batch
-        batches = dynamic_batches(durations, max_batch_length=budget)
+        # About 3 to 6 utterances a batch: the first budget whose buckets give
+        # batches of several sizes (which one depends on the corpus's lengths).
+        mean = sum(durations) / len(durations)
+        for factor in (4, 3, 5, 6):
+            batches = dynamic_batches(durations, max_batch_length=factor * mean)
+            if len({len(b) for b in batches}) > 1:
+                break
         assert len({len(b) for b in batches}) > 1, "batches of several sizes"
         out["dynamic"] = decode(asr, wavs, batches)
     return out

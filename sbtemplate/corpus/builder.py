@@ -22,7 +22,7 @@ from tqdm import tqdm
 from sbtemplate.corpus.grammar import split_domains
 from sbtemplate.corpus.synthesis import TARGET_SAMPLE_RATE, EspeakSynthesizer, Voice
 
-CORPUS_VERSION = 1
+CORPUS_VERSION = 2  # bump when the grammar, voices or synthesis change the bytes
 COMPLETE_MARKER = "CORPUS_COMPLETE.json"
 
 # Six espeak-ng voice variants, each with its own rate/pitch: the speakers.

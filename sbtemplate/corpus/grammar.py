@@ -8,9 +8,12 @@ Two text domains:
   arithmetic), each with a semantics label (intent + slots). Its text-only
   split feeds LM fine-tuning and its speech is the test set.
 
-The general grammar deliberately uses the target domain's words (numbers,
-units, times) in other contexts, so the acoustic model has heard them; what it
-lacks is the target domain's word order, which is what LM fine-tuning teaches.
+The general grammar deliberately uses every word of the target domain
+(numbers, units, times, "what is", "plus", "wake me up", "cancel"...) in other
+contexts, so the acoustic model has heard them; what it lacks is the target
+domain's word order, which is what LM fine-tuning teaches. Without that, an
+attention decoder trained on narrative sentences alone rewrites every command
+into a narrative sentence whatever the LM says.
 """
 
 import random
@@ -78,7 +81,8 @@ _G = {
     "time_phrase": [
         "in the morning", "at night", "after dinner", "before noon", "on monday",
         "on friday", "last winter", "every evening", "in the spring", "at dawn",
-        "at seven o'clock", "at half past nine", "at ten thirty",
+        "at seven o'clock", "at half past nine", "at ten thirty", "tonight",
+        "tomorrow", "in the evening", "at five fifteen", "at eleven forty five",
     ],
     "unit": [
         "miles", "kilometers", "minutes", "hours", "seconds", "pounds", "grams",
@@ -118,6 +122,22 @@ _GENERAL_TEMPLATES = [
     lambda r, g: f"{r.choice(g['people'])} tried to calculate how many {r.choice(g['unit'])} were left",
     lambda r, g: f"{r.choice(g['person'])} poured {_n(r, 30)} {r.choice(['ounces', 'gallons', 'liters'])} of milk into {r.choice(['the bucket', 'a jar', 'the pot'])}",
     lambda r, g: f"{r.choice(g['person'])} wanted to {r.choice(['convert', 'change', 'divide', 'multiply', 'count'])} {r.choice(g['thing'])} into {r.choice(['money', 'pieces', 'gold', 'bread'])}",
+    # Questions, requests and arithmetic in narrative contexts: the target
+    # domain's words, never its command patterns.
+    lambda r, g: f"what is the name of {r.choice(g['place'])} asked {r.choice(g['person'])}",
+    lambda r, g: f"how much is {r.choice(g['thing'])} asked {r.choice(g['person'])}",
+    lambda r, g: f"please tell me why {r.choice(g['people'])} {r.choice(g['move_past'])} to {r.choice(g['place'])}",
+    lambda r, g: f"{r.choice(g['person'])} asked {r.choice(g['people'])} to wake {r.choice(['me', 'her', 'him', 'us'])} up {r.choice(g['time_phrase'])}",
+    lambda r, g: f"{r.choice(g['person'])} wrote {_n(r, 99)} {r.choice(['plus', 'minus', 'times', 'divided by'])} {_n(r, 20)} on {r.choice(['the board', 'a paper map', 'the wall'])}",
+    lambda r, g: f"{r.choice(g['person'])} had to cancel the trip to {r.choice(g['place'])} {r.choice(g['time_phrase'])}",
+    lambda r, g: f"{r.choice(g['person'])} turned off the {r.choice(['lamp', 'radio', 'alarm', 'timer', 'stove'])} and {r.choice(['went to sleep', 'left the room', 'started to read'])}",
+    lambda r, g: f"{r.choice(g['people'])} will {r.choice(['start', 'stop'])} the {r.choice(['race', 'game', 'music'])} {r.choice(['tonight', 'tomorrow', 'in the evening', 'in the morning'])}",
+    lambda r, g: f"{r.choice(g['person'])} set {r.choice(['an alarm', 'a timer', 'a trap', 'the clock'])} {r.choice(['before dinner', 'for my friends', 'in the kitchen'])}",
+    lambda r, g: f"{r.choice(g['people'])} began to count down from {_n(r, 90)} {r.choice(['seconds', 'minutes'])}",
+    lambda r, g: f"{_n(r, 99)} {r.choice(['miles', 'pounds', 'feet', 'inches', 'liters', 'grams'])} is about {_n(r, 99)} {r.choice(['kilometers', 'kilograms', 'meters', 'centimeters', 'gallons', 'ounces'])}",
+    lambda r, g: f"{r.choice(g['person'])} took a {_n(r, 20)} {r.choice(['minute', 'hour', 'second'])} break {r.choice(g['time_phrase'])}",
+    lambda r, g: f"there are {_n(r, 90)} {r.choice(['boats', 'houses', 'trees', 'horses'])} near {r.choice(g['place'])} and it is your turn to count them",
+    lambda r, g: f"stop the {r.choice(['music', 'boat', 'car', 'game'])} please said {r.choice(g['person'])} {r.choice(g['time_phrase'])}",
 ]
 
 # ------------------------------------------------------------------ target --
