@@ -1,6 +1,6 @@
 """Build profiles: how much data and how big a model.
 
-``full`` is the main job's default (about 15 minutes on 2 CPU cores);
+``full`` is the main job's default (about 25 minutes on 2 CPU cores);
 ``tiny`` exercises every code path in seconds to a couple of minutes and is
 what the test suite builds. Both use the same code; only these numbers differ.
 """
@@ -29,8 +29,9 @@ PROFILES = {
         "asr": {"number_of_epochs": 16, "number_of_ctc_epochs": 16, "batch_size": 4,
                 "ctc_weight": 0.5, "lr": 0.001, "dropout": 0.0, "augment_prob": 0.0},
         # A GRU encoder with the full CNN front end leaves the CTC plateau in
-        # far fewer epochs than the LSTM with a narrow one (25% against 74%
-        # greedy valid WER after 9 epochs), for about twice the step time.
+        # far fewer epochs than an LSTM with CNN (16, 32) (valid WER 36% against
+        # 97% after 9 epochs on this corpus), for about twice the step time:
+        # general test WER 3.4% after 16 epochs, against 39% for that LSTM after 20.
         "model_overrides": {"rnn_type": "GRU"},
         "eval": {"beam_size": 8},
     },
