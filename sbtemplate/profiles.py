@@ -1,6 +1,6 @@
 """Build profiles: how much data and how big a model.
 
-``full`` is the main job's default (about 25 minutes on 2 CPU cores);
+``full`` is the main job's default (about 30 minutes on 2 CPU cores);
 ``tiny`` exercises every code path in seconds to a couple of minutes and is
 what the test suite builds. Both use the same code; only these numbers differ.
 """
