@@ -632,23 +632,35 @@ def _fetch_hub(request):
         raise request.error(_describe(exc, request)) from exc
     if _policy.verify:
         manifest = _hub_manifest(request)
-        try:
+
+        def verify(path):
             _verify(request, path, manifest, purge=lambda: _purge_hub(request, path))
-        except FetchError:
-            if not (was_there and request.config.allow_network):
-                raise
-            # The savedir held a copy of an older revision (the repo was
-            # republished since): it is gone now, so fetch once more and verify.
-            logger.info("%s in %s does not match the repo's manifest: fetching it again",
-                        request.filename, request.savedir)
-            try:
-                path = request.sb_fetch()
-            except Exception as exc:  # noqa: BLE001
-                _remove_link_or_file(destination)
-                raise request.error(_describe(exc, request)) from exc
-            _verify(request, path, manifest, purge=lambda: _purge_hub(request, path))
-            cached = False
+
+        path, still_cached = _verified_or_fetched_again(request, path, was_there, verify,
+                                                         request.sb_fetch)
+        cached = cached and still_cached
     return Path(path), ("cached" if cached else "downloaded")
+
+
+def _verified_or_fetched_again(request, path, was_there, verify, fetch_again):
+    """Verify ``path``; a copy that was already in the savedir and fails is
+    stale (the source was republished since): ``verify`` has removed it, so
+    fetch once more and verify that. Returns (path, whether it was a cache hit)."""
+    try:
+        verify(path)
+        return path, True
+    except FetchError:
+        if not (was_there and request.config.allow_network):
+            raise
+    logger.info("%s in %s does not match its source's manifest: fetching it again",
+                request.filename, request.savedir)
+    try:
+        path = fetch_again()
+    except Exception as exc:  # noqa: BLE001
+        _remove_link_or_file(request.destination)
+        raise request.error(_describe(exc, request)) from exc
+    verify(path)
+    return path, False
 
 
 def _hub_manifest(request):
@@ -734,23 +746,13 @@ def _fetch_url(request):
                 refresh=refresh if request.config.allow_network else None,
             )
 
-        try:
-            verify(path)
-        except FetchError:
-            if not (was_there and request.config.allow_network):
-                raise
-            # A stale cache hit (the source was republished since): the bad copy
-            # is gone, so download once more and verify that.
-            logger.info("Cached %s does not match the source's manifest: downloading it again",
-                        request.filename)
-            try:
-                with _socket_timeout(_policy.io_timeout):
-                    path = request.sb_fetch()
-            except Exception as exc:  # noqa: BLE001
-                _remove_link_or_file(destination)
-                raise request.error(_describe(exc, request)) from exc
-            verify(path)
-            was_there = False
+        def fetch_again():
+            with _socket_timeout(_policy.io_timeout):
+                return request.sb_fetch()
+
+        path, still_cached = _verified_or_fetched_again(request, path, was_there, verify,
+                                                         fetch_again)
+        was_there = was_there and still_cached
     return Path(path), ("cached" if was_there else "downloaded")
 
 

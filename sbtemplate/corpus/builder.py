@@ -48,6 +48,12 @@ SPEECH_SPLITS = {
 TEXT_SPLITS = ("general_lm_train", "general_lm_valid", "target_lm_train", "target_lm_valid")
 
 
+def text_split_sizes(sizes):
+    """The sentence counts of a profile's corpus sizes (speech and text-only
+    splits; not the noise and RIR file counts)."""
+    return {k: v for k, v in sizes.items() if k in SPEECH_SPLITS or k in TEXT_SPLITS}
+
+
 def corpus_fingerprint(sizes, seed):
     """What the corpus bytes depend on; a cached corpus is reused only if it matches."""
     return {"version": CORPUS_VERSION, "seed": seed, "sizes": dict(sorted(sizes.items()))}
@@ -73,8 +79,7 @@ def build_corpus(root, sizes, seed=2602, progress=True):
         shutil.rmtree(partial)
     partial.mkdir(parents=True)
 
-    text_sizes = {k: v for k, v in sizes.items() if k in SPEECH_SPLITS or k in TEXT_SPLITS}
-    splits = split_domains(text_sizes, seed)
+    splits = split_domains(text_split_sizes(sizes), seed)
     _write_text_splits(partial / "text", splits)
 
     rng = np.random.default_rng(seed)
