@@ -111,7 +111,10 @@ class SLU(sb.Brain):
         return loss
 
     def decode_semantics(self, hyp):
-        labels = self.label_encoder.decode_ndim([int(i) for i in hyp])
+        # output_neurons only bounds the vocabulary: a barely trained decoder can
+        # emit a unit no label owns, which reads as <unk> (a wrong answer).
+        unk = getattr(self.label_encoder, "unk_label", "<unk>")
+        labels = [self.label_encoder.ind2lab.get(int(i), unk) for i in hyp]
         special = {self.label_encoder.bos_label, self.label_encoder.eos_label}
         return [label for label in labels if label not in special]
 

@@ -38,8 +38,11 @@ DESCRIPTORS = {
     "valid": SPEECH_SPLITS["general_valid"],
     "test_general": SPEECH_SPLITS["general_test"],
     "test": SPEECH_SPLITS["target_test"],
+    "valid_target": SPEECH_SPLITS["target_valid"],
 }
 EXAMPLE_WAV = "example.flac"
+# The target-domain LM published beside the recognizer's own lm.ckpt.
+DOMAIN_LM_FILE = "lm_commands.ckpt"
 # Bumped when the architecture in hparams/ changes, so cached models are retrained.
 ARCHITECTURE_VERSION = 4  # 2: GRU in the CRDNN; 3: fully seeded; 4: back to the LSTM
 
@@ -154,6 +157,47 @@ def build_lm(paths, cfg, tokenizer_file):
     return folder / "lm.ckpt"
 
 
+def build_domain_lm(paths, cfg, tokenizer_file, lm_file):
+    """The base LM continued on the target domain's text-only split.
+
+    Published beside the recognizer's own LM (``DOMAIN_LM_FILE``), as a provider
+    publishes a domain LM for a recognizer; the SLU recipe fetches it from a URL.
+    """
+    from sbtemplate.base_recognizer import LMBrain, lm_text_dataset, load_tokenizer, seed_everything
+
+    vocab = cfg["tokenizer"]["vocab_size"]
+    overrides = {k: v for k, v in _model_overrides(paths.profile, vocab).items() if k.startswith("lm_") or k == "output_neurons"}
+    fingerprint = {"corpus": cfg["corpus"], "tok": cfg["tokenizer"], "lm": cfg["lm"],
+                   "domain_lm": cfg["domain_lm"], "model": overrides}
+
+    def work(tmp):
+        seed_everything(SEED)
+        hparams = _load_hparams(
+            "base_lm.yaml",
+            {**overrides, **cfg["domain_lm"], "output_folder": str(tmp),
+             "train_annotation": str(paths.manifests / "target_lm_train.json"),
+             "valid_annotation": str(paths.manifests / "target_lm_valid.json")},
+        )
+        hparams["model"].load_state_dict(torch.load(lm_file, map_location="cpu"))
+        tokenizer = load_tokenizer(tokenizer_file)
+        sets = {}
+        for name in ("train", "valid"):
+            entries = json.loads(Path(hparams[f"{name}_annotation"]).read_text())
+            sets[name] = lm_text_dataset([e["words"] for _, e in sorted(entries.items())], tokenizer,
+                                         hparams["bos_index"], hparams["eos_index"])
+        brain = LMBrain(modules=hparams["modules"], opt_class=hparams["opt_class"],
+                        hparams=hparams, run_opts=_run_opts(), checkpointer=hparams["checkpointer"])
+        brain.fit(hparams["epoch_counter"], sets["train"], sets["valid"],
+                  train_loader_kwargs=hparams["train_dataloader_opts"],
+                  valid_loader_kwargs=hparams["valid_dataloader_opts"])
+        hparams["checkpointer"].recover_if_possible(min_key="loss")
+        torch.save(hparams["model"].state_dict(), tmp / DOMAIN_LM_FILE)
+        (tmp / "lm_valid.json").write_text(json.dumps(brain.last_stats))
+
+    folder = _stage(paths.root / "domain_lm", fingerprint, work)
+    return folder / DOMAIN_LM_FILE
+
+
 def build_asr(paths, cfg, tokenizer_file):
     import speechbrain as sb
 
@@ -191,7 +235,7 @@ def build_asr(paths, cfg, tokenizer_file):
     return _stage(paths.experiment, fingerprint, work)
 
 
-def publish(paths, cfg, tokenizer_file, lm_file, experiment):
+def publish(paths, cfg, tokenizer_file, lm_file, experiment, domain_lm_file):
     """Lay out the model folder as the Hub repo would, and link the repo-id folder to it."""
     vocab = cfg["tokenizer"]["vocab_size"]
     overrides = _model_overrides(paths.profile, vocab)
@@ -204,6 +248,7 @@ def publish(paths, cfg, tokenizer_file, lm_file, experiment):
     shutil.copy(experiment / "asr.ckpt", tmp / "asr.ckpt")
     shutil.copy(experiment / "normalizer.ckpt", tmp / "normalizer.ckpt")
     shutil.copy(lm_file, tmp / "lm.ckpt")
+    shutil.copy(domain_lm_file, tmp / DOMAIN_LM_FILE)
     shutil.copy(tokenizer_file, tmp / "tokenizer.ckpt")
     (tmp / "hyperparams.yaml").write_text(
         published_hparams((HPARAMS_DIR / "inference.yaml").read_text(), overrides)
@@ -286,15 +331,19 @@ def _build_locked(paths, force, progress):
     lm_file = build_lm(paths, cfg, tokenizer_file)
     timings["lm"] = time.time() - t
     t = time.time()
+    domain_lm_file = build_domain_lm(paths, cfg, tokenizer_file, lm_file)
+    timings["domain_lm"] = time.time() - t
+    t = time.time()
     experiment = build_asr(paths, cfg, tokenizer_file)
     timings["asr"] = time.time() - t
     report_file = paths.build_report
-    fingerprint = json.loads((experiment / DONE).read_text())
+    fingerprint = {**json.loads((experiment / DONE).read_text()),
+                   "domain_lm": json.loads((domain_lm_file.parent / DONE).read_text())}
     if not force and report_file.is_file() and paths.model_dir.is_dir():
         report = json.loads(report_file.read_text())
         if report.get("fingerprint") == fingerprint:
             return paths
-    publish(paths, cfg, tokenizer_file, lm_file, experiment)
+    publish(paths, cfg, tokenizer_file, lm_file, experiment, domain_lm_file)
     t = time.time()
     wers = evaluate_base(paths)
     timings["evaluate"] = time.time() - t
@@ -304,6 +353,7 @@ def _build_locked(paths, force, progress):
         "wer": {k: v["WER"] for k, v in wers.items()},
         "details": wers,
         "lm_valid": json.loads((paths.root / "lm" / "lm_valid.json").read_text()),
+        "domain_lm_valid": json.loads((domain_lm_file.parent / "lm_valid.json").read_text()),
         "asr_valid": json.loads((experiment / "asr_valid.json").read_text()),
         "seconds": timings,
     }

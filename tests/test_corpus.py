@@ -16,6 +16,7 @@ from sbtemplate.data_prep import DataPreparationError, prepare_split, read_text_
 
 SMALL = {
     "general_train": 6, "general_valid": 2, "general_test": 3, "target_test": 4,
+    "target_valid": 2,
     "general_lm_train": 20, "general_lm_valid": 5, "target_lm_train": 10,
     "target_lm_valid": 4, "noise_files": 2, "rir_files": 2,
 }
@@ -87,7 +88,8 @@ def test_augmentation_sets_are_written(small_corpus):
 
 def test_splits_are_disjoint_at_scale():
     sizes = {"general_train": 700, "general_lm_train": 5000, "general_test": 100,
-             "target_lm_train": 2000, "target_test": 150, "target_lm_valid": 200}
+             "target_lm_train": 2000, "target_test": 150, "target_lm_valid": 200,
+             "target_valid": 80}
     splits = split_domains(sizes, seed=2602)
     seen = {}
     for name, items in splits.items():
@@ -110,13 +112,42 @@ def test_general_speech_covers_every_target_word():
     assert target - heard == set()
 
 
+def test_adding_the_dev_split_keeps_every_other_split():
+    """The target dev split is drawn last: the other splits' sentences do not
+    depend on whether (or how large) it is."""
+    from sbtemplate.corpus.builder import text_split_sizes
+    from sbtemplate.profiles import get_profile
+
+    sizes = text_split_sizes(get_profile("full")["corpus"])
+    without = {k: v for k, v in sizes.items() if k != "target_valid"}
+    with_dev, without_dev = split_domains(sizes, 2602), split_domains(without, 2602)
+    assert len(with_dev["target_valid"]) == sizes["target_valid"] > 0
+    assert all(with_dev[name] == without_dev[name] for name in without)
+
+
+def test_word_lists_are_part_of_general_speech():
+    """About LIST_SHARE of general sentences are word lists (only list words and
+    numbers), ending on many different words."""
+    import random
+
+    from sbtemplate.corpus.grammar import (_LIST_WORDS, LIST_SHARE, ONES, TEENS, TENS,
+                                           general_sentence)
+
+    vocabulary = {w.upper() for phrase in _LIST_WORDS + ONES + TEENS + TENS for w in phrase.split()}
+    rng = random.Random(1)
+    sentences = [general_sentence(rng) for _ in range(2000)]
+    lists = [s for s in sentences if set(s.split()) <= vocabulary]
+    assert 0.8 * LIST_SHARE < len(lists) / len(sentences) < 1.2 * LIST_SHARE
+    assert len({s.split()[-1] for s in lists}) >= 30
+
+
 def test_no_test_sentence_in_any_training_text(tiny_build):
     m = tiny_build.manifests
     training = set(read_text_lines(m / "lm_train.txt"))
     training |= {e["words"] for e in json.loads((m / "train.json").read_text()).values()}
     training |= {e["words"] for e in json.loads((m / "target_lm_train.json").read_text()).values()}
     training |= {e["words"] for e in json.loads((m / "valid.json").read_text()).values()}
-    for name in ("test.json", "test_general.json"):
+    for name in ("test.json", "test_general.json", "valid_target.json"):
         test = {e["words"] for e in json.loads((m / name).read_text()).values()}
         assert test and not (test & training)
 

@@ -118,7 +118,7 @@ def test_every_source_kind_is_used(debug_run):
     assert fetched == {
         "hyperparams.yaml": "huggingface",
         "asr.ckpt": "huggingface",
-        "lm.ckpt": "url",
+        "lm_commands.ckpt": "url",   # the command-domain LM, not the Hub repo's lm.ckpt
         "tokenizer.ckpt": "url",
         "normalizer.ckpt": "local",
     }

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from sbtemplate.corpus.grammar import split_domains
 from sbtemplate.corpus.synthesis import TARGET_SAMPLE_RATE, EspeakSynthesizer, Voice
 
-CORPUS_VERSION = 2  # bump when the grammar, voices or synthesis change the bytes
+CORPUS_VERSION = 3  # bump when the grammar, voices or synthesis change the bytes
 COMPLETE_MARKER = "CORPUS_COMPLETE.json"
 
 # Six espeak-ng voice variants, each with its own rate/pitch: the speakers.
@@ -44,6 +44,8 @@ SPEECH_SPLITS = {
     "general_valid": "dev-general",
     "general_test": "test-general",
     "target_test": "test-target",
+    # Target-domain dev speech: decoding weights are tuned on it, never on test.
+    "target_valid": "dev-target",
 }
 TEXT_SPLITS = ("general_lm_train", "general_lm_valid", "target_lm_train", "target_lm_valid")
 

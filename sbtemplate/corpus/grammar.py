@@ -2,8 +2,8 @@
 
 Two text domains:
 
-* ``general``: everyday narrative sentences; the base recognizer and the base
-  LM are trained on it.
+* ``general``: everyday narrative sentences and word lists; the base
+  recognizer and the base LM are trained on it.
 * ``target``: short voice-assistant commands (timers, alarms, unit conversion,
   arithmetic), each with a semantics label (intent + slots). Its text-only
   split feeds LM fine-tuning and its speech is the test set.
@@ -140,6 +140,37 @@ _GENERAL_TEMPLATES = [
     lambda r, g: f"stop the {r.choice(['music', 'boat', 'car', 'game'])} please said {r.choice(g['person'])} {r.choice(g['time_phrase'])}",
 ]
 
+# Word lists, read aloud as in the word-list sections of speech corpora: the
+# target domain's words and numbers in random order, 2 to 6 items. They teach
+# the acoustic model these words without any sentence context to lean on, and
+# end utterances on every kind of word (narrative sentences end mostly on
+# places and times, and an attention decoder trained on them alone appends a
+# time to every command). The target domain's word order stays unseen.
+_LIST_WORDS = [
+    "calculate", "tell me", "convert", "change", "how much is", "how many", "what is",
+    "set", "start", "stop", "cancel", "turn off", "wake me up", "count down", "please",
+    "timer", "alarm", "my", "the", "a", "an", "are", "is", "in", "into", "to", "for", "at",
+    "plus", "minus", "times", "divided by", "o'clock", "thirty", "fifteen", "forty five",
+    "in the morning", "in the evening", "tonight", "tomorrow",
+    "second", "minute", "hour", "seconds", "minutes", "hours", "miles", "kilometers",
+    "pounds", "kilograms", "feet", "meters", "inches", "centimeters", "liters", "gallons",
+    "grams", "ounces",
+]
+
+
+def _number_list(r):
+    return " ".join(number_words(r.randint(1, 99)) for _ in range(r.randint(2, 5)))
+
+
+def _word_list(r):
+    items = [r.choice(_LIST_WORDS) if r.random() < 0.6 else number_words(r.randint(1, 99))
+             for _ in range(r.randint(2, 6))]
+    return " ".join(items)
+
+
+_LIST_TEMPLATES = [lambda r, g: _number_list(r), lambda r, g: _word_list(r), lambda r, g: _word_list(r)]
+LIST_SHARE = 0.25  # share of general sentences that are word lists
+
 # ------------------------------------------------------------------ target --
 _TIME_UNITS = ["seconds", "minutes", "hours"]
 _CONVERSIONS = [
@@ -224,7 +255,8 @@ def _normalise(text):
 
 def general_sentence(rng):
     """One general-domain sentence, upper case as in LibriSpeech transcripts."""
-    return _normalise(rng.choice(_GENERAL_TEMPLATES)(rng, _G))
+    templates = _LIST_TEMPLATES if rng.random() < LIST_SHARE else _GENERAL_TEMPLATES
+    return _normalise(rng.choice(templates)(rng, _G))
 
 
 def target_sentence(rng):
