@@ -108,49 +108,55 @@ def worker(job):
     started = time.perf_counter()
     torch.set_num_threads(job["threads"])
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=job["timeout_s"]))
-    rank = dist.get_rank()
-    group = new_eval_group(job["timeout_s"])
-    out_dir = Path(job["out_dir"])
-    overrides = {"beam_size": job["beam_size"]} if job["beam_size"] else {}
-    asr = EncoderDecoderASR.from_hparams(
-        source=job["model_dir"], savedir=str(out_dir / f"savedir_rank{rank}"),
-        overrides=overrides, run_opts={"device": "cpu"},
-    )
-    items, lengths = read_items(job["manifest"], job["data_root"], job["limit"])
-    load = asr.load_audio if job["reader"] == "load_audio" else read_audio
-    with torch.no_grad():  # warm-up outside the timed span
-        asr.transcribe_batch(0.1 * torch.randn(1, SAMPLE_RATE // 2), torch.ones(1))
-    busy = [0.0, 0]
+    # The process groups are destroyed before exit: a rank that leaves with
+    # gloo's threads still running can abort ("terminate called without an
+    # active exception"), as one 2-rank launch in six did.
+    try:
+        rank = dist.get_rank()
+        group = new_eval_group(job["timeout_s"])
+        out_dir = Path(job["out_dir"])
+        overrides = {"beam_size": job["beam_size"]} if job["beam_size"] else {}
+        asr = EncoderDecoderASR.from_hparams(
+            source=job["model_dir"], savedir=str(out_dir / f"savedir_rank{rank}"),
+            overrides=overrides, run_opts={"device": "cpu"},
+        )
+        items, lengths = read_items(job["manifest"], job["data_root"], job["limit"])
+        load = asr.load_audio if job["reader"] == "load_audio" else read_audio
+        with torch.no_grad():  # warm-up outside the timed span
+            asr.transcribe_batch(0.1 * torch.randn(1, SAMPLE_RATE // 2), torch.ones(1))
+        busy = [0.0, 0]
 
-    def score_batch(batch, stats):
-        t = time.perf_counter()
-        wavs = [load(wav) for _, wav, _ in batch]
-        longest = max(len(w) for w in wavs)
-        padded = torch.zeros(len(wavs), longest)
-        for row, wav in enumerate(wavs):
-            padded[row, : len(wav)] = wav
-        rel = torch.tensor([len(w) / longest for w in wavs])
-        with torch.no_grad():
-            words, _ = asr.transcribe_batch(padded, rel)
-        stats.append([i for i, _, _ in batch], [w.split() for w in words],
-                     [ref.split() for _, _, ref in batch])
-        busy[0] += time.perf_counter() - t
-        busy[1] += len(batch)
+        def score_batch(batch, stats):
+            t = time.perf_counter()
+            wavs = [load(wav) for _, wav, _ in batch]
+            longest = max(len(w) for w in wavs)
+            padded = torch.zeros(len(wavs), longest)
+            for row, wav in enumerate(wavs):
+                padded[row, : len(wav)] = wav
+            rel = torch.tensor([len(w) / longest for w in wavs])
+            with torch.no_grad():
+                words, _ = asr.transcribe_batch(padded, rel)
+            stats.append([i for i, _, _ in batch], [w.split() for w in words],
+                         [ref.split() for _, _, ref in batch])
+            busy[0] += time.perf_counter() - t
+            busy[1] += len(batch)
 
-    ready = time.perf_counter() - started
-    dist.barrier(group=group)
-    t0 = time.perf_counter()
-    report = evaluate_sharded(
-        items, lengths, score_batch, batch_size=job["batch_size"], group=group,
-        name="bench", out_dir=out_dir, printer=None,
-    )
-    wall = time.perf_counter() - t0
-    ranks = exchange({"rank": rank, "busy_s": busy[0], "utterances": busy[1], "ready_s": ready},
-                     group=group, what="benchmark timing")
-    if rank == 0:
-        result = {"wall_s": wall, "ranks": ranks, "WER": report.wer,
-                  "utterances": len(items), "threads_per_rank": job["threads"]}
-        (out_dir / "result.json").write_text(json.dumps(result, indent=2))
+        ready = time.perf_counter() - started
+        dist.barrier(group=group)
+        t0 = time.perf_counter()
+        report = evaluate_sharded(
+            items, lengths, score_batch, batch_size=job["batch_size"], group=group,
+            name="bench", out_dir=out_dir, printer=None,
+        )
+        wall = time.perf_counter() - t0
+        ranks = exchange({"rank": rank, "busy_s": busy[0], "utterances": busy[1], "ready_s": ready},
+                         group=group, what="benchmark timing")
+        if rank == 0:
+            result = {"wall_s": wall, "ranks": ranks, "WER": report.wer,
+                      "utterances": len(items), "threads_per_rank": job["threads"]}
+            (out_dir / "result.json").write_text(json.dumps(result, indent=2))
+    finally:
+        dist.destroy_process_group()
 
 
 # --------------------------------------------------------------------------
