@@ -313,6 +313,19 @@ def build(profile="tiny", root=None, force=False, progress=True):
 
 
 def _build_locked(paths, force, progress):
+    # Float rounding depends on the number of CPU threads: a profile can pin it
+    # so that its models have the same bytes on every machine.
+    previous_threads = torch.get_num_threads()
+    threads = get_profile(paths.profile).get("threads")
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return _build_stages(paths, force, progress)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _build_stages(paths, force, progress):
     torch.set_flush_denormal(True)
     profile = paths.profile
     cfg = get_profile(profile)

@@ -129,3 +129,19 @@ def test_published_hparams_rejects_unknown_key():
     with pytest.raises(KeyError, match="no_such_key"):
         build_mod.published_hparams("a: 1\n", {"no_such_key": 2})
     assert build_mod.published_hparams("a: 1\nb: 2\n", {"b": 5}) == "a: 1\nb: 5\n"
+
+
+def test_tiny_build_trains_on_one_thread_and_restores_the_callers(tiny_build, monkeypatch):
+    """Float rounding depends on the thread count; the debug-run expectation pins
+    the tiny models' bytes, so the tiny build uses one thread on every machine."""
+    seen = []
+    monkeypatch.setattr(build_mod, "_build_stages",
+                        lambda paths, force, progress: seen.append(torch.get_num_threads()) or paths)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        build_mod.build("tiny", progress=False)
+        assert seen == [get_profile("tiny")["threads"]] == [1]
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
