@@ -122,39 +122,58 @@ def build_tokenizer(paths, cfg):
     return folder / f"{vocab}_unigram.model"
 
 
-def build_lm(paths, cfg, tokenizer_file):
-    import speechbrain as sb
+def _lm_overrides(paths, cfg):
+    vocab = cfg["tokenizer"]["vocab_size"]
+    return {k: v for k, v in _model_overrides(paths.profile, vocab).items()
+            if k.startswith("lm_") or k == "output_neurons"}
 
+
+def _train_lm(tmp, overrides, tokenizer_file, annotations, read_sentences, out_name, init_lm=None):
+    """SpeechBrain's LM recipe (base_lm.yaml + LMBrain) on a train and a valid file.
+
+    ``init_lm``: a checkpoint to start from instead of the seeded initialisation.
+    Writes ``tmp/out_name`` (the best epoch by valid loss) and ``tmp/lm_valid.json``.
+    """
     from sbtemplate.base_recognizer import LMBrain, lm_text_dataset, load_tokenizer, seed_everything
 
-    vocab = cfg["tokenizer"]["vocab_size"]
-    overrides = {k: v for k, v in _model_overrides(paths.profile, vocab).items() if k.startswith("lm_") or k == "output_neurons"}
+    seed_everything(SEED)
+    hparams = _load_hparams(
+        "base_lm.yaml",
+        {**overrides, "output_folder": str(tmp),
+         "train_annotation": str(annotations[0]), "valid_annotation": str(annotations[1])},
+    )
+    if init_lm is not None:
+        hparams["model"].load_state_dict(torch.load(init_lm, map_location="cpu"))
+    tokenizer = load_tokenizer(tokenizer_file)
+    train, valid = (
+        lm_text_dataset(read_sentences(hparams[key]), tokenizer, hparams["bos_index"], hparams["eos_index"])
+        for key in ("train_annotation", "valid_annotation")
+    )
+    brain = LMBrain(modules=hparams["modules"], opt_class=hparams["opt_class"],
+                    hparams=hparams, run_opts=_run_opts(), checkpointer=hparams["checkpointer"])
+    brain.fit(hparams["epoch_counter"], train, valid,
+              train_loader_kwargs=hparams["train_dataloader_opts"],
+              valid_loader_kwargs=hparams["valid_dataloader_opts"])
+    hparams["checkpointer"].recover_if_possible(min_key="loss")
+    torch.save(hparams["model"].state_dict(), tmp / out_name)
+    (tmp / "lm_valid.json").write_text(json.dumps(brain.last_stats))
+
+
+def build_lm(paths, cfg, tokenizer_file):
+    overrides = _lm_overrides(paths, cfg)
     fingerprint = {"corpus": cfg["corpus"], "tok": cfg["tokenizer"], "lm": cfg["lm"], "model": overrides}
 
     def work(tmp):
-        seed_everything(SEED)
-        hparams = _load_hparams(
-            "base_lm.yaml",
-            {**overrides, **cfg["lm"], "output_folder": str(tmp),
-             "train_annotation": str(paths.manifests / "lm_train.txt"),
-             "valid_annotation": str(paths.manifests / "lm_valid.txt")},
-        )
-        tokenizer = load_tokenizer(tokenizer_file)
-        train = lm_text_dataset(read_text_lines(hparams["train_annotation"]), tokenizer,
-                                hparams["bos_index"], hparams["eos_index"])
-        valid = lm_text_dataset(read_text_lines(hparams["valid_annotation"]), tokenizer,
-                                hparams["bos_index"], hparams["eos_index"])
-        brain = LMBrain(modules=hparams["modules"], opt_class=hparams["opt_class"],
-                        hparams=hparams, run_opts=_run_opts(), checkpointer=hparams["checkpointer"])
-        brain.fit(hparams["epoch_counter"], train, valid,
-                  train_loader_kwargs=hparams["train_dataloader_opts"],
-                  valid_loader_kwargs=hparams["valid_dataloader_opts"])
-        hparams["checkpointer"].recover_if_possible(min_key="loss")
-        torch.save(hparams["model"].state_dict(), tmp / "lm.ckpt")
-        (tmp / "lm_valid.json").write_text(json.dumps(brain.last_stats))
+        _train_lm(tmp, {**overrides, **cfg["lm"]}, tokenizer_file,
+                  (paths.manifests / "lm_train.txt", paths.manifests / "lm_valid.txt"),
+                  read_text_lines, "lm.ckpt")
 
     folder = _stage(paths.root / "lm", fingerprint, work)
     return folder / "lm.ckpt"
+
+
+def _words_of(json_file):
+    return [entry["words"] for _, entry in sorted(json.loads(Path(json_file).read_text()).items())]
 
 
 def build_domain_lm(paths, cfg, tokenizer_file, lm_file):
@@ -163,36 +182,14 @@ def build_domain_lm(paths, cfg, tokenizer_file, lm_file):
     Published beside the recognizer's own LM (``DOMAIN_LM_FILE``), as a provider
     publishes a domain LM for a recognizer; the SLU recipe fetches it from a URL.
     """
-    from sbtemplate.base_recognizer import LMBrain, lm_text_dataset, load_tokenizer, seed_everything
-
-    vocab = cfg["tokenizer"]["vocab_size"]
-    overrides = {k: v for k, v in _model_overrides(paths.profile, vocab).items() if k.startswith("lm_") or k == "output_neurons"}
+    overrides = _lm_overrides(paths, cfg)
     fingerprint = {"corpus": cfg["corpus"], "tok": cfg["tokenizer"], "lm": cfg["lm"],
                    "domain_lm": cfg["domain_lm"], "model": overrides}
 
     def work(tmp):
-        seed_everything(SEED)
-        hparams = _load_hparams(
-            "base_lm.yaml",
-            {**overrides, **cfg["domain_lm"], "output_folder": str(tmp),
-             "train_annotation": str(paths.manifests / "target_lm_train.json"),
-             "valid_annotation": str(paths.manifests / "target_lm_valid.json")},
-        )
-        hparams["model"].load_state_dict(torch.load(lm_file, map_location="cpu"))
-        tokenizer = load_tokenizer(tokenizer_file)
-        sets = {}
-        for name in ("train", "valid"):
-            entries = json.loads(Path(hparams[f"{name}_annotation"]).read_text())
-            sets[name] = lm_text_dataset([e["words"] for _, e in sorted(entries.items())], tokenizer,
-                                         hparams["bos_index"], hparams["eos_index"])
-        brain = LMBrain(modules=hparams["modules"], opt_class=hparams["opt_class"],
-                        hparams=hparams, run_opts=_run_opts(), checkpointer=hparams["checkpointer"])
-        brain.fit(hparams["epoch_counter"], sets["train"], sets["valid"],
-                  train_loader_kwargs=hparams["train_dataloader_opts"],
-                  valid_loader_kwargs=hparams["valid_dataloader_opts"])
-        hparams["checkpointer"].recover_if_possible(min_key="loss")
-        torch.save(hparams["model"].state_dict(), tmp / DOMAIN_LM_FILE)
-        (tmp / "lm_valid.json").write_text(json.dumps(brain.last_stats))
+        _train_lm(tmp, {**overrides, **cfg["domain_lm"]}, tokenizer_file,
+                  (paths.manifests / "target_lm_train.json", paths.manifests / "target_lm_valid.json"),
+                  _words_of, DOMAIN_LM_FILE, init_lm=lm_file)
 
     folder = _stage(paths.root / "domain_lm", fingerprint, work)
     return folder / DOMAIN_LM_FILE
