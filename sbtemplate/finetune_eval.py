@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 from speechbrain.dataio.dataio import read_audio
+from speechbrain.utils.data_utils import batch_pad_right
 from speechbrain.utils.distributed import MainProcessContext
 
 from sbtemplate.distributed import evaluate_sharded, read_utterance_file
@@ -63,12 +64,8 @@ def interface_evaluation(asr, entries, reader, batch_size, group, out_dir, name)
     lengths = [float(entries[i]["length"]) for i in ids]
 
     def score_batch(batch, stats):
-        wavs = [load(wav).to(asr.device) for _, wav, _ in batch]
-        longest = max(len(w) for w in wavs)
-        padded = torch.zeros(len(wavs), longest, device=asr.device)
-        for row, wav in enumerate(wavs):
-            padded[row, : len(wav)] = wav
-        rel = torch.tensor([len(w) / longest for w in wavs], device=asr.device)
+        padded, rel = batch_pad_right([load(wav) for _, wav, _ in batch])
+        padded, rel = padded.to(asr.device), rel.to(asr.device)
         with torch.no_grad():
             words, _ = asr.transcribe_batch(padded, rel)
         stats.append([i for i, _, _ in batch], [w.split() for w in words],

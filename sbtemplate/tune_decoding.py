@@ -45,16 +45,12 @@ def load_dev_set(profile_paths):
 def decode_all(asr, items, batch_size):
     """Hypotheses of ``items`` (id, wav, words), batched (padding-invariant path)."""
     from speechbrain.dataio.dataio import read_audio
+    from speechbrain.utils.data_utils import batch_pad_right
 
     hyps = {}
     for start in range(0, len(items), batch_size):
         batch = items[start : start + batch_size]
-        wavs = [read_audio(wav) for _, wav, _ in batch]
-        longest = max(len(w) for w in wavs)
-        padded = torch.zeros(len(wavs), longest)
-        for row, wav in enumerate(wavs):
-            padded[row, : len(wav)] = wav
-        rel = torch.tensor([len(w) / longest for w in wavs])
+        padded, rel = batch_pad_right([read_audio(wav) for _, wav, _ in batch])
         with torch.no_grad():
             words, _ = asr.transcribe_batch(padded.to(asr.device), rel.to(asr.device))
         hyps.update({key: hyp for (key, _, _), hyp in zip(batch, words)})

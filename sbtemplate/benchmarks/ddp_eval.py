@@ -102,6 +102,7 @@ def worker(job):
     import torch.distributed as dist
     from speechbrain.dataio.dataio import read_audio
     from speechbrain.inference.ASR import EncoderDecoderASR
+    from speechbrain.utils.data_utils import batch_pad_right
 
     from sbtemplate.distributed import evaluate_sharded, exchange, new_eval_group
 
@@ -128,12 +129,7 @@ def worker(job):
 
         def score_batch(batch, stats):
             t = time.perf_counter()
-            wavs = [load(wav) for _, wav, _ in batch]
-            longest = max(len(w) for w in wavs)
-            padded = torch.zeros(len(wavs), longest)
-            for row, wav in enumerate(wavs):
-                padded[row, : len(wav)] = wav
-            rel = torch.tensor([len(w) / longest for w in wavs])
+            padded, rel = batch_pad_right([load(wav) for _, wav, _ in batch])
             with torch.no_grad():
                 words, _ = asr.transcribe_batch(padded, rel)
             stats.append([i for i, _, _ in batch], [w.split() for w in words],
