@@ -250,9 +250,8 @@ class ASRBrain(sb.core.Brain):
         stats["WER"] = self.wer_metric.summarize("error_rate")
         stats["CER"] = self.cer_metric.summarize("error_rate")
         if stage == sb.Stage.VALID:
-            # Anneal on the valid loss: early WERs of an attention model are
-            # noisy (looping hypotheses) and would cut the rate too soon.
-            old_lr, new_lr = self.hparams.lr_annealing(stats["loss"])
+            # The rate follows the epoch (StepScheduler), not the valid metrics.
+            old_lr, new_lr = self.hparams.lr_annealing(epoch)
             sb.nnet.schedulers.update_learning_rate(self.optimizer, new_lr)
             self.hparams.train_logger.log_stats(
                 stats_meta={"epoch": epoch, "lr": old_lr},

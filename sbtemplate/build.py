@@ -44,7 +44,7 @@ EXAMPLE_WAV = "example.flac"
 # The target-domain LM published beside the recognizer's own lm.ckpt.
 DOMAIN_LM_FILE = "lm_commands.ckpt"
 # Bumped when the architecture in hparams/ changes, so cached models are retrained.
-ARCHITECTURE_VERSION = 4  # 2: GRU in the CRDNN; 3: fully seeded; 4: back to the LSTM
+ARCHITECTURE_VERSION = 5  # 2: GRU in the CRDNN; 3: fully seeded; 4: back to the LSTM; 5: step annealing
 
 
 def _stage(folder, fingerprint, work, force=False):

@@ -54,3 +54,23 @@ def test_ctc_weight_one_is_refused(tiny_build, capsys):
         tune_decoding.main(["--profile", "tiny", "--model", str(tiny_build.model_dir),
                             "--ctc-weights", "1.0"])
     assert "--ctc-weights" in capsys.readouterr().err
+
+
+def test_eos_thresholds_join_the_grid(tiny_build, tmp_path):
+    out = tmp_path / "settings.json"
+    tune_decoding.main(["--profile", "tiny", "--lm-weights", "0.5", "--ctc-weights", "0.5",
+                        "--eos-thresholds", "1.0", "100.0", "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert [r["eos_threshold"] for r in result["grid"]] == [1.0, 100.0]
+    assert result["best"]["eos_threshold"] in (1.0, 100.0)
+    # The threshold reaches the searcher: at 1.0 EOS must be the best token to
+    # end a hypothesis, at 100 almost any score will do, and the barely
+    # trained tiny decoder ends its hypotheses elsewhere.
+    first, second = result["grid"]
+    assert (first["WER"], first["SER"]) != (second["WER"], second["SER"])
+
+
+def test_non_positive_eos_threshold_is_refused(tiny_build, capsys):
+    with pytest.raises(SystemExit):
+        tune_decoding.main(["--profile", "tiny", "--eos-thresholds", "0"])
+    assert "--eos-thresholds" in capsys.readouterr().err
