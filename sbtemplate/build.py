@@ -236,7 +236,9 @@ def publish(paths, cfg, tokenizer_file, lm_file, experiment, domain_lm_file):
     """Lay out the model folder as the Hub repo would, and link the repo-id folder to it."""
     vocab = cfg["tokenizer"]["vocab_size"]
     overrides = _model_overrides(paths.profile, vocab)
-    overrides["beam_size"] = cfg["eval"]["beam_size"]
+    # Decoding settings of the published hyperparams.yaml (beam size, and where
+    # a profile tuned them on its general valid split, CTC weight / EOS threshold).
+    overrides.update(cfg["eval"])
     model_dir = paths.model_dir
     tmp = model_dir.with_name(model_dir.name + ".partial")
     if tmp.exists():
@@ -348,7 +350,8 @@ def _build_stages(paths, force, progress):
     timings["asr"] = time.time() - t
     report_file = paths.build_report
     fingerprint = {**json.loads((experiment / DONE).read_text()),
-                   "domain_lm": json.loads((domain_lm_file.parent / DONE).read_text())}
+                   "domain_lm": json.loads((domain_lm_file.parent / DONE).read_text()),
+                   "eval": cfg["eval"]}
     if not force and report_file.is_file() and paths.model_dir.is_dir():
         report = json.loads(report_file.read_text())
         if report.get("fingerprint") == fingerprint:

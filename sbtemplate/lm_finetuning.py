@@ -48,13 +48,13 @@ class TrainingInterrupted(Exception):
 
 
 def profile_overrides(profile):
-    """Model sizes and beam size of a build profile, as overrides for finetune.yaml."""
+    """Model sizes and decoding settings of a build profile, as overrides for finetune.yaml."""
     from sbtemplate.profiles import get_profile
 
     cfg = get_profile(profile)
     overrides = dict(cfg["model_overrides"])
     overrides["output_neurons"] = cfg["tokenizer"]["vocab_size"]
-    overrides["beam_size"] = cfg["eval"]["beam_size"]
+    overrides.update(cfg["eval"])
     return overrides
 
 
