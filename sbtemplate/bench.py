@@ -106,7 +106,8 @@ def run(profile="full", out="results", max_utterances=60, threads=1):
             "Base recognizer (beam search + RNNLM)",
             f"| test set | WER |\n|---|---|\n| general domain | {wer['test_general']:.2f}% |\n"
             f"| target domain | {wer['test']:.2f}% |\n\nBuild stage seconds: "
-            + ", ".join(f"{k} {v:.0f}" for k, v in figures["build"]["seconds"].items())))
+            + ", ".join(f"{k} {v:.0f}" if v is not None else f"{k} ?"
+                        for k, v in figures["build"]["seconds"].items())))
     if "finetune_run" in figures:
         res = figures["finetune_run"]
         ppl = res["perplexity"]

@@ -32,6 +32,8 @@ logger = logging.getLogger("sbtemplate.build")
 
 HPARAMS_DIR = Path(__file__).resolve().parent / "hparams"
 DONE = "DONE.json"
+# Seconds the stage's work took when it ran (a reused stage keeps its own).
+STAGE_SECONDS = "stage_seconds.json"
 # descriptor name -> split folder of the LibriSpeech layout
 DESCRIPTORS = {
     "train": SPEECH_SPLITS["general_train"],
@@ -64,7 +66,9 @@ def _stage(folder, fingerprint, work, force=False):
     if partial.exists():
         shutil.rmtree(partial)
     partial.mkdir(parents=True)
+    start = time.time()
     work(partial)
+    (partial / STAGE_SECONDS).write_text(json.dumps({"seconds": time.time() - start}))
     (partial / DONE).write_text(json.dumps(fingerprint, sort_keys=True))
     if folder.is_symlink() or folder.is_file():
         folder.unlink()
@@ -72,6 +76,14 @@ def _stage(folder, fingerprint, work, force=False):
         shutil.rmtree(folder)
     partial.rename(folder)
     return folder
+
+
+def _stage_seconds(folder):
+    """How long a stage's work took when it ran (None for one made before this was recorded)."""
+    try:
+        return json.loads((Path(folder) / STAGE_SECONDS).read_text())["seconds"]
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def _run_opts():
@@ -360,6 +372,13 @@ def _build_stages(paths, force, progress):
     t = time.time()
     wers = evaluate_base(paths)
     timings["evaluate"] = time.time() - t
+    # Report what each artefact cost to make, not what this run spent reusing it.
+    previous = json.loads(report_file.read_text()) if report_file.is_file() else {}
+    made = {"corpus": timings["corpus"] if timings["corpus"] > 1.0
+            else previous.get("seconds", {}).get("corpus"),
+            "tokenizer": _stage_seconds(tokenizer_file.parent), "lm": _stage_seconds(lm_file.parent),
+            "domain_lm": _stage_seconds(domain_lm_file.parent), "asr": _stage_seconds(experiment),
+            "evaluate": timings["evaluate"]}
     report = {
         "profile": profile,
         "fingerprint": fingerprint,
@@ -368,7 +387,8 @@ def _build_stages(paths, force, progress):
         "lm_valid": json.loads((paths.root / "lm" / "lm_valid.json").read_text()),
         "domain_lm_valid": json.loads((domain_lm_file.parent / "lm_valid.json").read_text()),
         "asr_valid": json.loads((experiment / "asr_valid.json").read_text()),
-        "seconds": timings,
+        "seconds": made,
+        "seconds_this_run": timings,
     }
     tmp = report_file.with_name(report_file.name + ".tmp")
     tmp.write_text(json.dumps(report, indent=2) + "\n")

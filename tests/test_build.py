@@ -87,6 +87,17 @@ def test_interrupted_stage_is_redone_not_reused(tmp_path):
     assert len(calls) == 2
 
 
+def test_a_reused_stage_keeps_the_seconds_it_took_to_make(tmp_path, monkeypatch):
+    target = tmp_path / "stage"
+    clock = iter([100.0, 107.5, 500.0, 500.0])
+    monkeypatch.setattr(build_mod.time, "time", lambda: next(clock))
+    build_mod._stage(target, {"v": 1}, lambda tmp: None)
+    assert build_mod._stage_seconds(target) == pytest.approx(7.5)
+    build_mod._stage(target, {"v": 1}, lambda tmp: None)  # reused: no new timing
+    assert build_mod._stage_seconds(target) == pytest.approx(7.5)
+    assert build_mod._stage_seconds(tmp_path / "never-built") is None
+
+
 def test_later_stages_depend_on_the_corpus_version(tmp_path, monkeypatch):
     """A new corpus (grammar or voices changed, same sizes) must retrain the
     tokenizer, LM and ASR: their fingerprints carry the corpus version."""
