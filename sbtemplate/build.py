@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from sbtemplate.corpus.builder import SPEECH_SPLITS, build_corpus, corpus_fingerprint
+from sbtemplate.corpus.builder import SPEECH_SPLITS, build_corpus, corpus_fingerprint, is_complete
 from sbtemplate.data_prep import prepare_corpus, read_text_lines
 from sbtemplate.manifest import write_manifest
 from sbtemplate.paths import SEED, ProfilePaths
@@ -103,6 +103,14 @@ def _model_overrides(profile, vocab_size):
     overrides = dict(get_profile(profile)["model_overrides"])
     overrides["output_neurons"] = vocab_size
     return overrides
+
+
+def published_overrides(profile):
+    """The profile's values for the published hyperparams.yaml: model sizes and
+    decoding settings (the profile's ``eval``). Recipes that rebuild the
+    recognizer from their own YAML (finetune.yaml) apply the same ones."""
+    cfg = get_profile(profile)
+    return {**_model_overrides(profile, cfg["tokenizer"]["vocab_size"]), **cfg["eval"]}
 
 
 # ------------------------------------------------------------------ stages --
@@ -246,11 +254,7 @@ def build_asr(paths, cfg, tokenizer_file):
 
 def publish(paths, cfg, tokenizer_file, lm_file, experiment, domain_lm_file):
     """Lay out the model folder as the Hub repo would, and link the repo-id folder to it."""
-    vocab = cfg["tokenizer"]["vocab_size"]
-    overrides = _model_overrides(paths.profile, vocab)
-    # Decoding settings of the published hyperparams.yaml (beam size, and where
-    # a profile tuned them on its general valid split, CTC weight / EOS threshold).
-    overrides.update(cfg["eval"])
+    overrides = published_overrides(paths.profile)
     model_dir = paths.model_dir
     tmp = model_dir.with_name(model_dir.name + ".partial")
     if tmp.exists():
@@ -342,6 +346,7 @@ def _build_stages(paths, force, progress):
     cfg = get_profile(profile)
     timings = {}
     t0 = time.time()
+    corpus_reused = is_complete(paths.corpus, cfg["corpus"], SEED)
     build_corpus(paths.corpus, cfg["corpus"], seed=SEED, progress=progress)
     # Every later stage depends on the corpus bytes, not only on its sizes: a
     # new corpus version (grammar, voices) must retrain them.
@@ -374,8 +379,8 @@ def _build_stages(paths, force, progress):
     timings["evaluate"] = time.time() - t
     # Report what each artefact cost to make, not what this run spent reusing it.
     previous = json.loads(report_file.read_text()) if report_file.is_file() else {}
-    made = {"corpus": timings["corpus"] if timings["corpus"] > 1.0
-            else previous.get("seconds", {}).get("corpus"),
+    made = {"corpus": previous.get("seconds", {}).get("corpus") if corpus_reused
+            else timings["corpus"],
             "tokenizer": _stage_seconds(tokenizer_file.parent), "lm": _stage_seconds(lm_file.parent),
             "domain_lm": _stage_seconds(domain_lm_file.parent), "asr": _stage_seconds(experiment),
             "evaluate": timings["evaluate"]}

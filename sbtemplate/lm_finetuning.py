@@ -48,14 +48,11 @@ class TrainingInterrupted(Exception):
 
 
 def profile_overrides(profile):
-    """Model sizes and decoding settings of a build profile, as overrides for finetune.yaml."""
-    from sbtemplate.profiles import get_profile
+    """Model sizes and decoding settings of a build profile, as overrides for finetune.yaml:
+    the values the build wrote into the published hyperparams.yaml."""
+    from sbtemplate.build import published_overrides
 
-    cfg = get_profile(profile)
-    overrides = dict(cfg["model_overrides"])
-    overrides["output_neurons"] = cfg["tokenizer"]["vocab_size"]
-    overrides.update(cfg["eval"])
-    return overrides
+    return published_overrides(profile)
 
 
 def pop_option(argv, name):

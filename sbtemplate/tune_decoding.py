@@ -4,20 +4,21 @@
         --lm artifacts/full/synthspeech/asr-crdnn-rnnlm-synth/lm_commands.ckpt
 
 decodes ``valid_target.json`` (the corpus's ``dev-target`` split, never the
-test set; ``--split valid`` takes the general domain's valid split instead) with the published recognizer (or ``--model``), its LM replaced by
-``--lm`` if given, with every combination of ``--lm-weights`` x ``--ctc-weights``
+test set; ``--split valid`` takes the general domain's valid split instead)
+with the published recognizer (or ``--model``), its LM replaced by ``--lm`` if
+given, with every combination of ``--lm-weights`` x ``--ctc-weights``
 x ``--eos-thresholds``, prints WER and sentence error rate for each and writes
 them, with the best, to ``--json``. Put the chosen values in the YAML that
 decodes the target domain (``lm_weight``, ``ctc_weight_decode``,
 ``eos_threshold``).
 
-The published settings (LM 0.5, CTC 0.5 in the full profile) suit the general domain, where the
-attention decoder has seen the word order. On target-domain commands its
-implicit LM pulls towards narrative sentences, and a stronger in-domain LM and
-CTC share undo that. The EOS threshold (the searcher ends a hypothesis only
+The published settings (LM 0.5, CTC 0.5 in the full profile) suit the general
+domain, where the attention decoder has seen the word order. On target-domain
+commands its implicit LM pulls towards narrative sentences, and a stronger
+in-domain LM and CTC share undo that. The EOS threshold (the searcher ends a hypothesis only
 when EOS scores within that factor of the best token's log-probability) matters
-as much on short commands: at SpeechBrain's usual 1.5 the decoder often carries on
-past the last word ("... MILES MILES").
+as much on short commands: at SpeechBrain's usual 1.5 the decoder often
+carries on past the last word ("... MILES MILES").
 """
 
 import argparse
@@ -147,8 +148,9 @@ def main(argv=None):
         print(f"{r['lm_weight']:>9.2f} {r['ctc_weight_decode']:>10.2f} {eos} {r['WER']:>7.2f} "
               f"{r['SER']:>7.1f}{mark}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"model": str(model), "lm": args.lm, "split": args.split, "utterances": len(items),
-                                               "grid": results, "best": best}, indent=2) + "\n")
+        Path(args.json).write_text(json.dumps({"model": str(model), "lm": args.lm, "split": args.split,
+                                               "utterances": len(items), "grid": results, "best": best},
+                                              indent=2) + "\n")
     return 0
 
 
