@@ -112,6 +112,23 @@ def test_general_speech_covers_every_target_word():
     assert target - heard == set()
 
 
+def test_general_speech_hears_every_number_word_often():
+    """Uniform numbers made "seven" five times as frequent as "eleven" in the
+    training speech, and the recognizer heard "eleven" as "seven". No number
+    word may be heard less than a quarter as often as the most frequent one."""
+    import collections
+
+    from sbtemplate.corpus.builder import text_split_sizes
+    from sbtemplate.corpus.grammar import ONES, TEENS, TENS
+    from sbtemplate.profiles import get_profile
+
+    splits = split_domains(text_split_sizes(get_profile("full")["corpus"]), seed=2602)
+    counts = collections.Counter(w for text in splits["general_train"] for w in text.split())
+    numbers = {w.upper(): counts[w.upper()] for w in ONES[1:] + TEENS + TENS}
+    rarest = min(numbers, key=numbers.get)
+    assert numbers[rarest] >= max(numbers.values()) / 4, numbers
+
+
 def test_adding_the_dev_split_keeps_every_other_split():
     """The target dev split is drawn last: the other splits' sentences do not
     depend on whether (or how large) it is."""

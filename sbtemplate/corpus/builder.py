@@ -22,7 +22,7 @@ from tqdm import tqdm
 from sbtemplate.corpus.grammar import split_domains
 from sbtemplate.corpus.synthesis import TARGET_SAMPLE_RATE, EspeakSynthesizer, Voice
 
-CORPUS_VERSION = 3  # bump when the grammar, voices or synthesis change the bytes
+CORPUS_VERSION = 4  # bump when the grammar, voices or synthesis change the bytes
 COMPLETE_MARKER = "CORPUS_COMPLETE.json"
 
 # Six espeak-ng voice variants, each with its own rate/pitch: the speakers.

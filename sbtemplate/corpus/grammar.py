@@ -81,8 +81,7 @@ _G = {
     "time_phrase": [
         "in the morning", "at night", "after dinner", "before noon", "on monday",
         "on friday", "last winter", "every evening", "in the spring", "at dawn",
-        "at seven o'clock", "at half past nine", "at ten thirty", "tonight",
-        "tomorrow", "in the evening", "at five fifteen", "at eleven forty five",
+        "at half past nine", "tonight", "tomorrow", "in the evening",
     ],
     "unit": [
         "miles", "kilometers", "minutes", "hours", "seconds", "pounds", "grams",
@@ -99,45 +98,74 @@ def _n(rng, hi=60):
     return number_words(rng.randint(2, hi))
 
 
+def _heard_n(rng, hi=60):
+    """A number in 2..hi for general speech, drawn so that every number word is
+    heard often enough.
+
+    Uniform draws make "seven" (7, 27, ..., 97) nine times as frequent as
+    "seventeen" or "eleven", and a recognizer trained on them hears the rarer
+    word as its frequent neighbour ("minus nineteen" -> "minus nine"). Half the
+    draws are one-word numbers (up to nineteen), half uniform over the range.
+    """
+    if rng.random() < 0.5:
+        return number_words(rng.randint(2, min(hi, 19)))
+    return _n(rng, hi)
+
+
+_HOURS = ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
+          "ten", "eleven", "twelve"]
+
+
+def _time(rng, g):
+    """A time phrase; about a third are clock times over all twelve hours."""
+    if rng.random() < 0.35:
+        minute = rng.choice(["o'clock", "thirty", "fifteen", "forty five", "twenty"])
+        return f"at {rng.choice(_HOURS)} {minute}"
+    return rng.choice(g["time_phrase"])
+
+
 _GENERAL_TEMPLATES = [
     lambda r, g: f"{r.choice(g['person'])} {r.choice(g['verb_past'])} {r.choice(g['thing'])} near {r.choice(g['place'])}",
-    lambda r, g: f"{r.choice(g['people'])} {r.choice(g['move_past'])} to {r.choice(g['place'])} {r.choice(g['time_phrase'])}",
-    lambda r, g: f"{r.choice(g['person'])} {r.choice(g['move_past'])} {_n(r)} {r.choice(['miles', 'kilometers', 'meters'])} to reach {r.choice(g['place'])}",
-    lambda r, g: f"{r.choice(g['place'])} was {r.choice(g['adj'])} and {r.choice(g['adj'])} {r.choice(g['time_phrase'])}",
-    lambda r, g: f"{r.choice(g['weather'])} lasted for {_n(r, 30)} {r.choice(['hours', 'days', 'minutes', 'weeks'])}",
-    lambda r, g: f"{r.choice(g['person'])} waited {_n(r)} minutes for {r.choice(g['people'])} at {r.choice(g['place'])}",
-    lambda r, g: f"{r.choice(g['people'])} carried {_n(r, 40)} {r.choice(['pounds', 'kilograms', 'liters'])} of water from {r.choice(g['place'])}",
+    lambda r, g: f"{r.choice(g['people'])} {r.choice(g['move_past'])} to {r.choice(g['place'])} {_time(r, g)}",
+    lambda r, g: f"{r.choice(g['person'])} {r.choice(g['move_past'])} {_heard_n(r)} {r.choice(['miles', 'kilometers', 'meters'])} to reach {r.choice(g['place'])}",
+    lambda r, g: f"{r.choice(g['place'])} was {r.choice(g['adj'])} and {r.choice(g['adj'])} {_time(r, g)}",
+    lambda r, g: f"{r.choice(g['weather'])} lasted for {_heard_n(r, 30)} {r.choice(['hours', 'days', 'minutes', 'weeks'])}",
+    lambda r, g: f"{r.choice(g['person'])} waited {_heard_n(r)} minutes for {r.choice(g['people'])} at {r.choice(g['place'])}",
+    lambda r, g: f"{r.choice(g['people'])} carried {_heard_n(r, 40)} {r.choice(['pounds', 'kilograms', 'liters'])} of water from {r.choice(g['place'])}",
     lambda r, g: f"{r.choice(g['person'])} said that {r.choice(g['thing'])} was {r.choice(g['adj'])}",
-    lambda r, g: f"{r.choice(g['time_phrase'])} {r.choice(g['person'])} {r.choice(g['verb_past'])} {r.choice(g['thing'])}",
-    lambda r, g: f"there were {_n(r, 90)} {r.choice(['boats', 'houses', 'trees', 'horses', 'lamps', 'chairs'])} in {r.choice(g['place'])}",
+    lambda r, g: f"{_time(r, g)} {r.choice(g['person'])} {r.choice(g['verb_past'])} {r.choice(g['thing'])}",
+    lambda r, g: f"there were {_heard_n(r, 90)} {r.choice(['boats', 'houses', 'trees', 'horses', 'lamps', 'chairs'])} in {r.choice(g['place'])}",
     lambda r, g: f"{r.choice(g['person'])} and {r.choice(g['person'])} {r.choice(g['move_past'])} past {r.choice(g['place'])}",
-    lambda r, g: f"the road to {r.choice(g['place'])} is {_n(r, 80)} {r.choice(['miles', 'kilometers'])} long",
+    lambda r, g: f"the road to {r.choice(g['place'])} is {_heard_n(r, 80)} {r.choice(['miles', 'kilometers'])} long",
     lambda r, g: f"{r.choice(g['person'])} {r.choice(g['verb_past'])} {r.choice(g['thing'])} and gave it to {r.choice(g['people'])}",
-    lambda r, g: f"after {_n(r, 20)} {r.choice(['days', 'weeks', 'hours'])} {r.choice(g['weather'])} stopped",
-    lambda r, g: f"{r.choice(g['people'])} counted {_n(r, 99)} {r.choice(['coins', 'stars', 'birds', 'sheep', 'stones'])} {r.choice(g['time_phrase'])}",
-    lambda r, g: f"the clock in {r.choice(g['place'])} stopped {r.choice(g['time_phrase'])}",
-    lambda r, g: f"{r.choice(g['person'])} set the table and waited until {r.choice(['seven', 'eight', 'nine', 'ten', 'six'])} o'clock",
-    lambda r, g: f"{r.choice(g['person'])} measured {_n(r, 50)} {r.choice(['feet', 'inches', 'meters', 'centimeters'])} of {r.choice(['rope', 'cloth', 'wire', 'fence'])}",
-    lambda r, g: f"{r.choice(g['person'])} heard the {r.choice(['alarm', 'old timer', 'kitchen timer', 'church bell'])} {r.choice(g['time_phrase'])}",
+    lambda r, g: f"after {_heard_n(r, 20)} {r.choice(['days', 'weeks', 'hours'])} {r.choice(g['weather'])} stopped",
+    lambda r, g: f"{r.choice(g['people'])} counted {_heard_n(r, 99)} {r.choice(['coins', 'stars', 'birds', 'sheep', 'stones'])} {_time(r, g)}",
+    lambda r, g: f"the clock in {r.choice(g['place'])} stopped {_time(r, g)}",
+    lambda r, g: f"{r.choice(g['person'])} set the table and waited until {r.choice(_HOURS)} o'clock",
+    lambda r, g: f"{r.choice(g['person'])} measured {_heard_n(r, 50)} {r.choice(['feet', 'inches', 'meters', 'centimeters'])} of {r.choice(['rope', 'cloth', 'wire', 'fence'])}",
+    lambda r, g: f"{r.choice(g['person'])} heard the {r.choice(['alarm', 'old timer', 'kitchen timer', 'church bell'])} {_time(r, g)}",
     lambda r, g: f"{r.choice(g['people'])} tried to calculate how many {r.choice(g['unit'])} were left",
-    lambda r, g: f"{r.choice(g['person'])} poured {_n(r, 30)} {r.choice(['ounces', 'gallons', 'liters'])} of milk into {r.choice(['the bucket', 'a jar', 'the pot'])}",
+    lambda r, g: f"{r.choice(g['person'])} poured {_heard_n(r, 30)} {r.choice(['ounces', 'gallons', 'liters'])} of milk into {r.choice(['the bucket', 'a jar', 'the pot'])}",
     lambda r, g: f"{r.choice(g['person'])} wanted to {r.choice(['convert', 'change', 'divide', 'multiply', 'count'])} {r.choice(g['thing'])} into {r.choice(['money', 'pieces', 'gold', 'bread'])}",
     # Questions, requests and arithmetic in narrative contexts: the target
     # domain's words, never its command patterns.
     lambda r, g: f"what is the name of {r.choice(g['place'])} asked {r.choice(g['person'])}",
     lambda r, g: f"how much is {r.choice(g['thing'])} asked {r.choice(g['person'])}",
     lambda r, g: f"please tell me why {r.choice(g['people'])} {r.choice(g['move_past'])} to {r.choice(g['place'])}",
-    lambda r, g: f"{r.choice(g['person'])} asked {r.choice(g['people'])} to wake {r.choice(['me', 'her', 'him', 'us'])} up {r.choice(g['time_phrase'])}",
-    lambda r, g: f"{r.choice(g['person'])} wrote {_n(r, 99)} {r.choice(['plus', 'minus', 'times', 'divided by'])} {_n(r, 20)} on {r.choice(['the board', 'a paper map', 'the wall'])}",
-    lambda r, g: f"{r.choice(g['person'])} had to cancel the trip to {r.choice(g['place'])} {r.choice(g['time_phrase'])}",
+    lambda r, g: f"{r.choice(g['person'])} asked {r.choice(g['people'])} to wake {r.choice(['me', 'her', 'him', 'us'])} up {_time(r, g)}",
+    lambda r, g: f"{r.choice(g['person'])} wrote {_heard_n(r, 99)} {r.choice(['plus', 'minus', 'times', 'divided by'])} {_heard_n(r, 20)} on {r.choice(['the board', 'a paper map', 'the wall'])}",
+    # Arithmetic ending on its second number, as the commands do.
+    lambda r, g: f"{r.choice(g['people'])} had to work out {_heard_n(r, 99)} {r.choice(['plus', 'minus', 'times', 'divided by'])} {_heard_n(r, 20)}",
+    lambda r, g: f"on {r.choice(['the board', 'the card', 'the wall'])} {r.choice(g['person'])} wrote {_heard_n(r, 99)} {r.choice(['plus', 'minus', 'times', 'divided by'])} {_heard_n(r, 20)}",
+    lambda r, g: f"{r.choice(g['person'])} had to cancel the trip to {r.choice(g['place'])} {_time(r, g)}",
     lambda r, g: f"{r.choice(g['person'])} turned off the {r.choice(['lamp', 'radio', 'alarm', 'timer', 'stove'])} and {r.choice(['went to sleep', 'left the room', 'started to read'])}",
     lambda r, g: f"{r.choice(g['people'])} will {r.choice(['start', 'stop'])} the {r.choice(['race', 'game', 'music'])} {r.choice(['tonight', 'tomorrow', 'in the evening', 'in the morning'])}",
     lambda r, g: f"{r.choice(g['person'])} set {r.choice(['an alarm', 'a timer', 'a trap', 'the clock'])} {r.choice(['before dinner', 'for my friends', 'in the kitchen'])}",
-    lambda r, g: f"{r.choice(g['people'])} began to count down from {_n(r, 90)} {r.choice(['seconds', 'minutes'])}",
-    lambda r, g: f"{_n(r, 99)} {r.choice(['miles', 'pounds', 'feet', 'inches', 'liters', 'grams'])} is about {_n(r, 99)} {r.choice(['kilometers', 'kilograms', 'meters', 'centimeters', 'gallons', 'ounces'])}",
-    lambda r, g: f"{r.choice(g['person'])} took a {_n(r, 20)} {r.choice(['minute', 'hour', 'second'])} break {r.choice(g['time_phrase'])}",
-    lambda r, g: f"there are {_n(r, 90)} {r.choice(['boats', 'houses', 'trees', 'horses'])} near {r.choice(g['place'])} and it is your turn to count them",
-    lambda r, g: f"stop the {r.choice(['music', 'boat', 'car', 'game'])} please said {r.choice(g['person'])} {r.choice(g['time_phrase'])}",
+    lambda r, g: f"{r.choice(g['people'])} began to count down from {_heard_n(r, 90)} {r.choice(['seconds', 'minutes'])}",
+    lambda r, g: f"{_heard_n(r, 99)} {r.choice(['miles', 'pounds', 'feet', 'inches', 'liters', 'grams'])} is about {_heard_n(r, 99)} {r.choice(['kilometers', 'kilograms', 'meters', 'centimeters', 'gallons', 'ounces'])}",
+    lambda r, g: f"{r.choice(g['person'])} took a {_heard_n(r, 20)} {r.choice(['minute', 'hour', 'second'])} break {_time(r, g)}",
+    lambda r, g: f"there are {_heard_n(r, 90)} {r.choice(['boats', 'houses', 'trees', 'horses'])} near {r.choice(g['place'])} and it is your turn to count them",
+    lambda r, g: f"stop the {r.choice(['music', 'boat', 'car', 'game'])} please said {r.choice(g['person'])} {_time(r, g)}",
 ]
 
 # Word lists, read aloud as in the word-list sections of speech corpora: the
@@ -159,11 +187,11 @@ _LIST_WORDS = [
 
 
 def _number_list(r):
-    return " ".join(number_words(r.randint(1, 99)) for _ in range(r.randint(2, 5)))
+    return " ".join(_heard_n(r, 99) for _ in range(r.randint(2, 5)))
 
 
 def _word_list(r):
-    items = [r.choice(_LIST_WORDS) if r.random() < 0.6 else number_words(r.randint(1, 99))
+    items = [r.choice(_LIST_WORDS) if r.random() < 0.6 else _heard_n(r, 99)
              for _ in range(r.randint(2, 6))]
     return " ".join(items)
 
@@ -178,8 +206,6 @@ _CONVERSIONS = [
     ("kilograms", "pounds"), ("feet", "meters"), ("meters", "feet"),
     ("inches", "centimeters"), ("liters", "gallons"), ("grams", "ounces"),
 ]
-_HOURS = ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
-          "ten", "eleven", "twelve"]
 _OPS = {"plus": "add", "minus": "subtract", "times": "multiply", "divided by": "divide"}
 
 
