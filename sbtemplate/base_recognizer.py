@@ -195,6 +195,23 @@ def pad_to_multiple(wavs, wav_lens, multiple):
 class ASRBrain(sb.core.Brain):
     """CTC + attention training of the CRDNN recognizer (SpeechBrain's ASR template)."""
 
+    def _wrap_distributed(self):
+        """DDP on CPU ranks without ``SyncBatchNorm``.
+
+        speechbrain 1.1.2 converts every BatchNorm to ``SyncBatchNorm``, which
+        raises on CPU modules ("SyncBatchNorm layers only work with GPU
+        modules"). On gloo each rank normalises with its own batch statistics
+        (plain DDP behaviour) and DDP broadcasts rank 0's running statistics.
+        """
+        if not (self.distributed_launch and self.distributed_backend == "gloo"):
+            return super()._wrap_distributed()
+        from torch.nn.parallel import DistributedDataParallel
+
+        for name, module in self.modules.items():
+            if any(p.requires_grad for p in module.parameters()):
+                self.modules[name] = DistributedDataParallel(
+                    module, find_unused_parameters=self.find_unused_parameters)
+
     def compute_forward(self, batch, stage):
         batch = batch.to(self.device)
         wavs, wav_lens = batch.sig
@@ -260,3 +277,78 @@ class ASRBrain(sb.core.Brain):
             )
             self.checkpointer.save_and_keep_only(meta=stats, min_keys=["WER"])
         self.last_stats = stats
+
+
+# ------------------------------------------------------- ASR on 1 or N ranks --
+def train_asr(job):
+    """Train the ASR described by ``job`` and write ``asr.ckpt``,
+    ``normalizer.ckpt`` and ``asr_valid.json`` into ``job["out_dir"]``.
+
+    ``job``: ``hparams_file``, ``overrides`` (HyperPyYAML; ``batch_size`` per
+    rank), ``tokenizer``, ``out_dir``, ``seed``, ``device``. It runs in the
+    calling process, or under torchrun as one of several DDP ranks: the Brain
+    then shards the length-sorted training set over the ranks and DDP averages
+    their gradients, so N ranks take steps on N x ``batch_size`` utterances.
+    On CPU cores several single-threaded ranks train faster than one process
+    with as many threads (small tensors leave threads idle).
+    """
+    from hyperpyyaml import load_hyperpyyaml
+
+    out_dir = Path(job["out_dir"])
+    distributed = sb.utils.distributed.get_rank() is not None
+    run_opts = {"device": job["device"], "debug": False}
+    if distributed:
+        run_opts["distributed_backend"] = "nccl" if job["device"].startswith("cuda") else "gloo"
+        sb.utils.distributed.ddp_init_group(run_opts)
+    seed_everything(job["seed"])
+    with open(job["hparams_file"]) as handle:
+        hparams = load_hyperpyyaml(handle, job["overrides"])
+    tokenizer = load_tokenizer(job["tokenizer"])
+    datasets = asr_datasets(hparams, tokenizer)
+    brain = ASRBrain(modules=hparams["modules"], opt_class=hparams["opt_class"],
+                     hparams=hparams, run_opts=run_opts, checkpointer=hparams["checkpointer"])
+    brain.tokenizer = tokenizer
+    brain.fit(hparams["epoch_counter"], datasets["train"], datasets["valid"],
+              train_loader_kwargs=hparams["train_dataloader_opts"],
+              valid_loader_kwargs=hparams["valid_dataloader_opts"])
+    stats = dict(brain.last_stats)
+    if distributed:
+        # DDP keeps replicas identical only if every rank saw the same
+        # updates; a rank that drifted (an unsynchronised module or buffer)
+        # would make rank 0's checkpoint one of several models.
+        from sbtemplate.distributed import exchange
+        from sbtemplate.frozen import state_digest
+
+        digests = exchange(state_digest(hparams["model"]), what="ASR replica check")
+        if len(set(digests)) != 1:
+            raise RuntimeError(f"ASR replicas differ across ranks after training: {digests}")
+        stats["ranks"] = len(digests)
+    if sb.utils.distributed.if_main_process():
+        hparams["checkpointer"].recover_if_possible(min_key="WER")
+        torch.save(hparams["model"].state_dict(), out_dir / "asr.ckpt")
+        hparams["normalize"]._save(out_dir / "normalizer.ckpt")
+        (out_dir / "asr_valid.json").write_text(json.dumps(stats))
+    if distributed:
+        sb.utils.distributed.ddp_barrier()
+        torch.distributed.destroy_process_group()
+
+
+def main(argv=None):
+    """``torchrun --nproc_per_node=N -m sbtemplate.base_recognizer <job.json>``
+    (``sbtemplate.build`` runs it for profiles whose ASR stage has ``ranks``)."""
+    import sys
+
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        raise SystemExit("usage: python -m sbtemplate.base_recognizer <job.json>")
+    threads = os.environ.get("OMP_NUM_THREADS")
+    if threads:
+        torch.set_num_threads(int(threads))
+    torch.set_flush_denormal(True)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    train_asr(json.loads(Path(argv[0]).read_text()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -216,40 +216,59 @@ def build_domain_lm(paths, cfg, tokenizer_file, lm_file):
 
 
 def build_asr(paths, cfg, tokenizer_file):
-    import speechbrain as sb
-
-    from sbtemplate.base_recognizer import ASRBrain, asr_datasets, load_tokenizer, seed_everything
+    from sbtemplate.base_recognizer import train_asr
 
     vocab = cfg["tokenizer"]["vocab_size"]
     overrides = _model_overrides(paths.profile, vocab)
     fingerprint = {"corpus": cfg["corpus"], "tok": cfg["tokenizer"], "asr": cfg["asr"], "model": overrides,
                    "architecture": ARCHITECTURE_VERSION}
+    asr = dict(cfg["asr"])
+    # ``batch_size`` is the utterances per optimiser step; ``ranks`` DDP
+    # processes (CPU only) each take an equal share of it.
+    ranks = asr.pop("ranks", 1)
+    if torch.cuda.is_available():
+        ranks = 1  # one GPU process takes the whole batch
+    if asr["batch_size"] % ranks:
+        raise ValueError(f"profile {paths.profile!r}: asr batch_size {asr['batch_size']} "
+                         f"is not a multiple of ranks {ranks}")
+    asr["batch_size"] //= ranks
 
     def work(tmp):
-        seed_everything(SEED)
-        hparams = _load_hparams(
-            "base_asr.yaml",
-            {**overrides, **cfg["asr"], "output_folder": str(tmp),
-             "train_annotation": str(paths.manifests / "train.json"),
-             "valid_annotation": str(paths.manifests / "valid.json"),
-             "data_root": str(paths.corpus / "LibriSpeech"),
-             "noise_annotation": str(paths.manifests / "noise.csv"),
-             "rir_annotation": str(paths.manifests / "rir.csv")},
-        )
-        tokenizer = load_tokenizer(tokenizer_file)
-        datasets = asr_datasets(hparams, tokenizer)
-        brain = ASRBrain(modules=hparams["modules"], opt_class=hparams["opt_class"],
-                         hparams=hparams, run_opts=_run_opts(), checkpointer=hparams["checkpointer"])
-        brain.tokenizer = tokenizer
-        brain.fit(hparams["epoch_counter"], datasets["train"], datasets["valid"],
-                  train_loader_kwargs=hparams["train_dataloader_opts"],
-                  valid_loader_kwargs=hparams["valid_dataloader_opts"])
-        hparams["checkpointer"].recover_if_possible(min_key="WER")
-        torch.save(hparams["model"].state_dict(), tmp / "asr.ckpt")
-        hparams["normalize"]._save(tmp / "normalizer.ckpt")
-        (tmp / "asr_valid.json").write_text(json.dumps(brain.last_stats))
+        job = {
+            "hparams_file": str(HPARAMS_DIR / "base_asr.yaml"),
+            "overrides": {**overrides, **asr, "output_folder": str(tmp),
+                          "train_annotation": str(paths.manifests / "train.json"),
+                          "valid_annotation": str(paths.manifests / "valid.json"),
+                          "data_root": str(paths.corpus / "LibriSpeech"),
+                          "noise_annotation": str(paths.manifests / "noise.csv"),
+                          "rir_annotation": str(paths.manifests / "rir.csv")},
+            "tokenizer": str(tokenizer_file), "out_dir": str(tmp), "seed": SEED,
+            "device": _run_opts()["device"],
+        }
+        # The same JSON in both cases, so one rank and N ranks read identical values.
+        job_file = tmp / "asr_job.json"
+        job_file.write_text(json.dumps(job, indent=1) + "\n")
+        if ranks == 1:
+            train_asr(json.loads(job_file.read_text()))
+        else:
+            _torchrun_asr(job_file, ranks)
 
     return _stage(paths.experiment, fingerprint, work)
+
+
+def _torchrun_asr(job_file, ranks):
+    """``torchrun --standalone --nproc_per_node=<ranks> -m sbtemplate.base_recognizer <job>``."""
+    import subprocess
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, cores // ranks))}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
+           "-m", "sbtemplate.base_recognizer", str(job_file)]
+    logger.info("ASR training on %d DDP ranks (gloo): %s", ranks, " ".join(cmd[2:]))
+    done = subprocess.run(cmd, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"ASR training under torchrun failed (exit status {done.returncode}); "
+                           f"job: {job_file}. The ranks' errors are printed above.")
 
 
 def publish(paths, cfg, tokenizer_file, lm_file, experiment, domain_lm_file):

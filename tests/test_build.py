@@ -156,3 +156,40 @@ def test_tiny_build_trains_on_one_thread_and_restores_the_callers(tiny_build, mo
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def _asr_stage_inputs(tiny_build, tmp_path, **asr):
+    """A fresh root reusing the tiny build's corpus and manifests, and a profile
+    copy whose ASR stage has the given settings (one epoch by default)."""
+    cfg = json.loads(json.dumps(get_profile("tiny")))
+    cfg["asr"] = {**cfg["asr"], "number_of_epochs": 1, "number_of_ctc_epochs": 1, **asr}
+    paths = ProfilePaths("tiny", tmp_path / "root")
+    paths.root.mkdir(parents=True)
+    (paths.root / "manifests").symlink_to(tiny_build.manifests)
+    paths.corpus.symlink_to(tiny_build.corpus)
+    return paths, cfg, next((tiny_build.root / "tokenizer").glob("*.model"))
+
+
+def test_asr_stage_trains_on_two_ddp_ranks(tiny_build, tmp_path, monkeypatch):
+    """``ranks: 2`` trains under torchrun (gloo, CPU): each rank takes half of
+    every batch, the replicas end identical (checked inside the run) and the
+    checkpoint has the published recognizer's parameters."""
+    monkeypatch.setattr(build_mod.torch.cuda, "is_available", lambda: False)
+    paths, cfg, tokenizer = _asr_stage_inputs(tiny_build, tmp_path, ranks=2)
+    folder = build_mod.build_asr(paths, cfg, tokenizer)
+    job = json.loads((folder / "asr_job.json").read_text())
+    assert job["overrides"]["batch_size"] == cfg["asr"]["batch_size"] // 2
+    assert json.loads((folder / "asr_valid.json").read_text())["ranks"] == 2
+    trained = torch.load(folder / "asr.ckpt")
+    published = torch.load(tiny_build.model_dir / "asr.ckpt")
+    assert {k: v.shape for k, v in trained.items()} == {k: v.shape for k, v in published.items()}
+
+
+def test_failed_ddp_asr_stage_leaves_nothing_finished(tiny_build, tmp_path, monkeypatch):
+    monkeypatch.setattr(build_mod.torch.cuda, "is_available", lambda: False)
+    paths, cfg, _ = _asr_stage_inputs(tiny_build, tmp_path, ranks=2)
+    with pytest.raises(RuntimeError, match="ASR training under torchrun failed"):
+        build_mod.build_asr(paths, cfg, tmp_path / "missing-tokenizer.model")
+    assert not paths.experiment.exists()
+    with pytest.raises(ValueError, match="batch_size 7 is not a multiple of ranks 2"):
+        build_mod.build_asr(paths, {**cfg, "asr": {**cfg["asr"], "batch_size": 7}}, tmp_path / "x")
