@@ -114,6 +114,8 @@ def _heard_n(rng, hi=60):
 
 _HOURS = ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
           "ten", "eleven", "twelve"]
+# spoken operator -> the target domain's semantics label
+_OPS = {"plus": "add", "minus": "subtract", "times": "multiply", "divided by": "divide"}
 
 
 def _time(rng, g):
@@ -153,10 +155,10 @@ _GENERAL_TEMPLATES = [
     lambda r, g: f"how much is {r.choice(g['thing'])} asked {r.choice(g['person'])}",
     lambda r, g: f"please tell me why {r.choice(g['people'])} {r.choice(g['move_past'])} to {r.choice(g['place'])}",
     lambda r, g: f"{r.choice(g['person'])} asked {r.choice(g['people'])} to wake {r.choice(['me', 'her', 'him', 'us'])} up {_time(r, g)}",
-    lambda r, g: f"{r.choice(g['person'])} wrote {_heard_n(r, 99)} {r.choice(['plus', 'minus', 'times', 'divided by'])} {_heard_n(r, 20)} on {r.choice(['the board', 'a paper map', 'the wall'])}",
+    lambda r, g: f"{r.choice(g['person'])} wrote {_heard_n(r, 99)} {r.choice(list(_OPS))} {_heard_n(r, 20)} on {r.choice(['the board', 'a paper map', 'the wall'])}",
     # Arithmetic ending on its second number, as the commands do.
-    lambda r, g: f"{r.choice(g['people'])} had to work out {_heard_n(r, 99)} {r.choice(['plus', 'minus', 'times', 'divided by'])} {_heard_n(r, 20)}",
-    lambda r, g: f"on {r.choice(['the board', 'the card', 'the wall'])} {r.choice(g['person'])} wrote {_heard_n(r, 99)} {r.choice(['plus', 'minus', 'times', 'divided by'])} {_heard_n(r, 20)}",
+    lambda r, g: f"{r.choice(g['people'])} had to work out {_heard_n(r, 99)} {r.choice(list(_OPS))} {_heard_n(r, 20)}",
+    lambda r, g: f"on {r.choice(['the board', 'the card', 'the wall'])} {r.choice(g['person'])} wrote {_heard_n(r, 99)} {r.choice(list(_OPS))} {_heard_n(r, 20)}",
     lambda r, g: f"{r.choice(g['person'])} had to cancel the trip to {r.choice(g['place'])} {_time(r, g)}",
     lambda r, g: f"{r.choice(g['person'])} turned off the {r.choice(['lamp', 'radio', 'alarm', 'timer', 'stove'])} and {r.choice(['went to sleep', 'left the room', 'started to read'])}",
     lambda r, g: f"{r.choice(g['people'])} will {r.choice(['start', 'stop'])} the {r.choice(['race', 'game', 'music'])} {r.choice(['tonight', 'tomorrow', 'in the evening', 'in the morning'])}",
@@ -206,7 +208,6 @@ _CONVERSIONS = [
     ("kilograms", "pounds"), ("feet", "meters"), ("meters", "feet"),
     ("inches", "centimeters"), ("liters", "gallons"), ("grams", "ounces"),
 ]
-_OPS = {"plus": "add", "minus": "subtract", "times": "multiply", "divided by": "divide"}
 
 
 def _target_timer(r):
