@@ -299,7 +299,10 @@ def train_asr(job):
     distributed = sb.utils.distributed.get_rank() is not None
     run_opts = {"device": job["device"], "debug": False}
     if distributed:
-        run_opts["distributed_backend"] = "nccl" if job["device"].startswith("cuda") else "gloo"
+        cuda = job["device"].startswith("cuda")
+        run_opts["distributed_backend"] = "nccl" if cuda else "gloo"
+        if cuda:  # one GPU per rank, as ddp_init_group selects it
+            run_opts["device"] = f"cuda:{sb.utils.distributed.get_local_rank()}"
         sb.utils.distributed.ddp_init_group(run_opts)
     seed_everything(job["seed"])
     with open(job["hparams_file"]) as handle:
@@ -342,10 +345,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
         raise SystemExit("usage: python -m sbtemplate.base_recognizer <job.json>")
-    threads = os.environ.get("OMP_NUM_THREADS")
-    if threads:
-        torch.set_num_threads(int(threads))
-    torch.set_flush_denormal(True)
+    torch.set_flush_denormal(True)  # torch itself takes its thread count from OMP_NUM_THREADS
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     train_asr(json.loads(Path(argv[0]).read_text()))
     return 0
