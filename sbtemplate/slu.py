@@ -9,15 +9,12 @@ Used by ``multisource_mini_recipe.py`` (speech -> ASR transcript -> semantics).
 * :func:`prepare_slu_data` writes the recipe's JSON descriptors from the
   profile's manifests (text-only target-domain train/valid, target-domain test
   speech).
-* :func:`compare_results` is the regression check of a ``--debug`` run against
-  a stored expectation: losses to a tolerance, everything else exactly.
 
 Nothing here imports huggingface_hub, so it is safe to import before the Hub
 endpoint is configured.
 """
 
 import json
-import math
 from pathlib import Path
 
 import torch
@@ -148,63 +145,3 @@ def fetched_sources(records):
     without ports or absolute paths, so that runs can be compared."""
     rows = {(r.filename, r.kind) for r in records}
     return [{"file": f, "kind": k} for f, k in sorted(rows)]
-
-
-# ---------------------------------------------------------------------------
-# Regression check
-# ---------------------------------------------------------------------------
-
-#: Keys of the results file that are floating-point losses (compared to a
-#: tolerance); everything else in the compared sections must match exactly.
-LOSS_KEYS = ("train_loss", "valid_loss", "test_loss")
-COMPARED = ("epochs", "losses", "test_utterances", "transcripts", "wer", "fetched")
-
-
-def regression_view(results):
-    """The part of a results file that the regression test pins."""
-    return {key: results[key] for key in COMPARED if key in results}
-
-
-def compare_results(actual, expected, rtol=1e-4, atol=1e-5):
-    """Differences between a run's results and the stored expectation.
-
-    Losses (per epoch and stage) are compared with ``rtol``/``atol``; the
-    transcripts, test utterance ids, WER details and fetched sources exactly.
-    Returns a list of human-readable differences (empty: no drift).
-    """
-    problems = []
-    actual, expected = regression_view(actual), regression_view(expected)
-    for key in COMPARED:
-        if key not in expected:
-            continue
-        if key not in actual:
-            problems.append(f"{key}: missing from the run's results")
-            continue
-        if key == "losses":
-            problems.extend(_compare_losses(actual[key], expected[key], rtol, atol))
-        elif actual[key] != expected[key]:
-            problems.append(f"{key}: expected {_short(expected[key])}, got {_short(actual[key])}")
-    return problems
-
-
-def _compare_losses(actual, expected, rtol, atol):
-    problems = []
-    if len(actual) != len(expected):
-        return [f"losses: expected {len(expected)} entries, got {len(actual)}"]
-    for index, (got, want) in enumerate(zip(actual, expected)):
-        if set(got) != set(want):
-            problems.append(f"losses[{index}]: keys {sorted(got)} != {sorted(want)}")
-            continue
-        for key in sorted(want):
-            a, b = got[key], want[key]
-            if key in LOSS_KEYS and isinstance(b, float):
-                if not isinstance(a, (int, float)) or not math.isclose(a, b, rel_tol=rtol, abs_tol=atol):
-                    problems.append(f"losses[{index}].{key}: expected {b!r}, got {a!r}")
-            elif a != b:
-                problems.append(f"losses[{index}].{key}: expected {b!r}, got {a!r}")
-    return problems
-
-
-def _short(value, limit=300):
-    text = json.dumps(value, sort_keys=True)
-    return text if len(text) <= limit else text[:limit] + "..."
