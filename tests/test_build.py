@@ -42,8 +42,11 @@ def test_tiny_model_transcribes_through_local_repo_folder(tiny_build, tmp_path, 
 
     monkeypatch.chdir(tiny_build.root)
     asr = EncoderDecoderASR.from_hparams(source=REPO_ID, savedir=str(tmp_path / "savedir"))
-    text = asr.transcribe_file(str(tiny_build.model_dir / build_mod.EXAMPLE_WAV))
-    assert isinstance(text, str)
+    example = str(tiny_build.model_dir / build_mod.EXAMPLE_WAV)
+    text = asr.transcribe_file(example)
+    # The same recognizer as when loaded from the published folder's own path.
+    direct = EncoderDecoderASR.from_hparams(source=str(tiny_build.model_dir), savedir=str(tmp_path / "direct"))
+    assert text.strip() and text == direct.transcribe_file(example)
     # The savedir links point into the local folder: nothing was downloaded.
     linked = (tmp_path / "savedir" / "asr.ckpt").resolve()
     assert linked == (tiny_build.model_dir / "asr.ckpt").resolve()
