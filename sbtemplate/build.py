@@ -351,7 +351,9 @@ def build(profile="tiny", root=None, force=False, progress=True):
 
 def _build_locked(paths, force, progress):
     # Float rounding depends on the number of CPU threads: a profile can pin it
-    # so that its models have the same bytes on every machine.
+    # so that its models have the same bytes on machines with other core
+    # counts. Other CPU kernels (AVX2, AVX-512, oneDNN's paths) still change
+    # the trained bytes; see README, "Determinism".
     previous_threads = torch.get_num_threads()
     threads = get_profile(paths.profile).get("threads")
     if threads:
