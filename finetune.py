@@ -34,11 +34,16 @@ def run(hparams_file, run_opts, overrides):
 
     from sbtemplate import finetune_eval as fe
     from sbtemplate import lm_finetuning as lf
+    from sbtemplate import run_lock
+    from sbtemplate.audio_check import check_audio_format
+    from sbtemplate.config_checks import check_override_types
     from sbtemplate.distributed import exchange, rank_and_world_size
     from sbtemplate.frozen import state_digest
     from sbtemplate.paths import ProfilePaths
 
     timings, started = {}, time.time()
+    # The file's syntax and the overrides' types, named clearly, before anything.
+    check_override_types(hparams_file, overrides)
     # Profile model sizes first; command-line overrides win.
     profile = str(fetching.read_plain_keys(hparams_file, ["profile"], overrides)["profile"])
     overrides = {**lf.profile_overrides(profile), **overrides}
@@ -57,12 +62,23 @@ def run(hparams_file, run_opts, overrides):
         with open(hparams_file) as fin:
             hparams = load_hyperpyyaml(fin, lf.shared_endpoints(ep, cache))
 
-        # 3. Data preparation: missing test audio is reported now, on every
-        #    rank, before any training.
+        # 3. Data preparation: unusable test audio (missing, undecodable, another
+        #    sample rate or channel count) is reported now, on every rank, before
+        #    any training.
         test_entries = lf.read_test_manifest(
             hparams["test_annotation"], hparams["data_root"], hparams["test_limit"]
         )
-        lf.check_audio_files(test_entries, hparams["test_annotation"])
+        check_audio_format(test_entries, hparams["test_annotation"], hparams["sample_rate"])
+        # One run per output folder: rank 0 locks it, every rank learns the outcome.
+        busy = None
+        if rank == 0:
+            try:
+                run_lock.hold_output_folder(hparams["output_folder"])
+            except run_lock.OutputFolderInUse as error:
+                busy = str(error)
+        busy = exchange(busy, what="output folder lock")[0]
+        if busy:
+            raise run_lock.OutputFolderInUse(busy)
         sb.create_experiment_directory(
             experiment_directory=hparams["output_folder"], hyperparams_to_save=hparams_file,
             overrides=ep.overrides,
@@ -241,6 +257,15 @@ def main(argv=None):
     # SpeechBrain's parser takes "--profile" for an abbreviation of its
     # --profile_* options: take the YAML key out first.
     profile = lf.pop_option(argv, "--profile")
+    # The original template's launch line, python -m torch.distributed.launch
+    # [--distributed_launch]: the launcher passes --local-rank=N and sets the
+    # same LOCAL_RANK/RANK variables as torchrun, which SpeechBrain reads.
+    launched = [lf.pop_option(argv, flag) for flag in ("--local-rank", "--local_rank")]
+    if "--distributed_launch" in argv:
+        argv.remove("--distributed_launch")
+    if any(v is not None for v in launched) and os.environ.get("RANK", "0") == "0":
+        print("note: torch.distributed.launch is deprecated; the same run is "
+              "torchrun --nproc_per_node=<N> finetune.py finetune.yaml ...", file=sys.stderr, flush=True)
     hparams_file, run_opts, overrides = sb.parse_arguments(argv)
     run_opts = lf.setup_run(run_opts)
     rank = os.environ.get("RANK", "0")

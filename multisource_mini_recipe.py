@@ -28,12 +28,15 @@ import sys
 import time
 from pathlib import Path
 
+import sbtemplate  # noqa: F401 - first: sets the thread wait policy before torch starts
 import speechbrain as sb
 import torch
 from hyperpyyaml import load_hyperpyyaml
 from speechbrain.utils.distributed import run_on_main
 
-from sbtemplate import fetching
+from sbtemplate import fetching, run_lock
+from sbtemplate.audio_check import AudioFormatError, check_audio_format
+from sbtemplate.config_checks import ConfigError, check_override_types
 from sbtemplate.paths import artifacts_root
 from sbtemplate.slu import (
     fetched_sources,
@@ -258,6 +261,11 @@ def main(argv=None):
     # 1. Arguments and hyperparameters. The YAML refers to the Hub endpoint
     # and the URL base, so it is loaded once the servers run.
     hparams_file, run_opts, overrides = parse_recipe_arguments(sys.argv[1:] if argv is None else argv)
+    try:
+        check_override_types(hparams_file, overrides)
+    except ConfigError as error:
+        print(f"\nCANNOT RUN: {error}", file=sys.stderr)
+        return 2
     overrides.setdefault("artifacts", str(artifacts_root()))
     cache = fetching.read_plain_keys(hparams_file, ["fetch_cache"], overrides)["fetch_cache"]
     try:
@@ -266,6 +274,7 @@ def main(argv=None):
                 hparams = load_hyperpyyaml(fin, endpoints.overrides)
             if hparams["num_threads"]:
                 torch.set_num_threads(hparams["num_threads"])
+            run_lock.hold_output_folder(hparams["output_folder"])
             sb.create_experiment_directory(
                 experiment_directory=hparams["output_folder"],
                 hyperparams_to_save=hparams_file,
@@ -287,7 +296,7 @@ def main(argv=None):
     except fetching.FetchError as error:
         print(f"\nFETCH FAILED: {error}", file=sys.stderr)
         return 2
-    except FileNotFoundError as error:  # the profile is not built (yet)
+    except (FileNotFoundError, run_lock.OutputFolderInUse) as error:  # not built (yet), or busy
         print(f"\nCANNOT RUN: {error}", file=sys.stderr)
         return 2
     if asr.tokenizer.get_piece_size() > hparams["num_asr_tokens"]:
@@ -296,6 +305,14 @@ def main(argv=None):
             f"vocabulary ({asr.tokenizer.get_piece_size()})"
         )
     datasets, label_encoder = dataio_prepare(hparams, asr.tokenizer)
+    # Every test file decodable, at the recognizer's sample rate and mono,
+    # before any training.
+    try:
+        check_audio_format(datasets["test"].data, Path(hparams["data_folder"]) / "test.json",
+                           asr.audio_normalizer.sample_rate)
+    except AudioFormatError as error:
+        print(f"\nCANNOT RUN: {error}", file=sys.stderr)
+        return 2
 
     # 4. The Brain.
     slu_brain = SLU(

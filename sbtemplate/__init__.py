@@ -2,4 +2,15 @@
 
 The top-level scripts (finetune.py, single_node_pretrained.py,
 multisource_mini_recipe.py) read as recipes; what they share lives here.
+
+Importing the package sets the OpenMP wait policy to PASSIVE unless the
+environment already sets one: on a shared machine, threads that spin-wait
+for each other stall whenever another process holds one of their cores
+(``python -m sbtemplate.benchmarks.busy_machine`` measures it). The OpenMP
+runtime reads the variable once, when torch is first imported, so the
+scripts import this package before torch.
 """
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

@@ -34,6 +34,7 @@ Typical use (see single_node_pretrained.py)::
 
 import dataclasses
 import hashlib
+import http.client
 import json
 import logging
 import os
@@ -43,6 +44,8 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
+import urllib.parse
+import urllib.request
 from urllib.parse import urlsplit
 
 from sbtemplate.manifest import MANIFEST_NAME, sha256_file
@@ -242,6 +245,9 @@ class FetchPolicy:
     allow_network: False makes every fetch offline (cache only), like
         ``FetchConfig(allow_network=False)``; so does ``HF_HUB_OFFLINE=1``.
     connect_timeout: seconds for the reachability probe of a server.
+    hub_answer_timeout: seconds the Hub has to answer the probe request (a
+        server that accepts connections and never answers, answers HTTP 5xx or
+        answers without the Hub's headers fails within this bound).
     io_timeout: socket timeout for URL downloads.
     verify: check sha256 and size against the source's manifest.json.
     """
@@ -250,6 +256,7 @@ class FetchPolicy:
     cache_dir: str = None
     allow_network: bool = True
     connect_timeout: float = 2.0
+    hub_answer_timeout: float = 8.0
     io_timeout: float = 10.0
     verify: bool = True
 
@@ -483,12 +490,50 @@ def _kind_of(source):
     if isinstance(source, os.PathLike):
         source = os.fspath(source)
     fetch_from, where = guess_source(source)
+    if fetch_from == FetchFrom.HUGGING_FACE and _looks_like_a_path(str(where)):
+        # SpeechBrain takes any source that is not an existing folder for a
+        # Hub repo id; a missing folder then fails as an invalid repo id.
+        fetch_from = FetchFrom.LOCAL
     kind = {
         FetchFrom.LOCAL: KIND_LOCAL,
         FetchFrom.HUGGING_FACE: KIND_HUB,
         FetchFrom.URI: KIND_URL,
     }[fetch_from]
     return kind, str(where)
+
+
+def _relative_link_within_artifacts(link):
+    """SpeechBrain links a savedir entry to its absolute source path; inside
+    the artefacts tree make it relative, so that a copied or moved tree
+    uses its own files rather than the original's."""
+    from sbtemplate.paths import artifacts_root
+
+    if link is None or not Path(link).is_symlink():
+        return
+    link = Path(link)
+    target = Path(os.readlink(link))
+    root = artifacts_root().resolve()
+    if not target.is_absolute() or not _within(target, root) or not _within(link.parent.resolve(), root):
+        return
+    relative = os.path.relpath(target, link.parent.resolve())
+    tmp = link.with_name(link.name + ".relinking")
+    if os.path.lexists(tmp):
+        tmp.unlink()
+    tmp.symlink_to(relative)
+    os.replace(tmp, link)
+
+
+def _within(path, root):
+    try:
+        Path(path).relative_to(root)
+        return True
+    except ValueError:
+        return False
+
+
+def _looks_like_a_path(source):
+    """A filesystem path, never a Hub repo id (``owner/name`` or ``name``)."""
+    return source.startswith(("/", "./", "../", "~")) or source.count("/") > 1
 
 
 def _fetch_here(
@@ -517,6 +562,7 @@ def _fetch_here(
         path, status = _fetch_url(request)
     if after_main and status == "downloaded":
         status = "cached"
+    _relative_link_within_artifacts(request.destination)
     fetch_log.append(
         FetchRecord(kind, where, filename, str(path), status, time.monotonic() - started)
     )
@@ -582,6 +628,8 @@ def _remove_link_or_file(path):
 def _fetch_local(request):
     folder = Path(request.source)
     source_file = folder / request.filename
+    if not folder.is_dir():
+        raise request.error(f"no such folder ({folder})")
     if not source_file.is_file():
         raise request.error(f"no such file in the folder ({source_file})")
     try:
@@ -617,11 +665,12 @@ def _fetch_hub(request):
     was_there = _exists(destination) and not request.config.overwrite
     cached = was_there or _hub_cached(request) is not None
     if request.config.allow_network:
-        # One short probe instead of huggingface_hub's retry loop (~20 s).
-        problem = _unreachable(current_hub_endpoint())
+        # One short probe instead of huggingface_hub's retry loops (~20 s for a
+        # refused connection, minutes for a server that never answers).
+        problem = _unreachable(current_hub_endpoint()) or _not_a_working_hub(request)
         if problem is not None:
             if not cached:
-                raise request.error(f"the Hub at {current_hub_endpoint()} is unreachable ({problem})")
+                raise request.error(f"the Hub at {current_hub_endpoint()} cannot be used ({problem})")
             # Server down but the file is cached: work from the cache.
             request.config = dataclasses.replace(request.config, allow_network=False)
     try:
@@ -707,7 +756,13 @@ def _purge_hub(request, path):
 
 
 def _url_cache(base_url):
-    key = hashlib.sha1(base_url.rstrip("/").encode()).hexdigest()[:16]
+    """The cache folder of one URL base. Loopback servers get a new port on
+    every run: their port is left out, so that runs share one folder (what
+    is in it is verified against the server's manifest on every use)."""
+    parts = urlsplit(base_url.rstrip("/"))
+    if parts.hostname in ("localhost", "::1") or (parts.hostname or "").startswith("127."):
+        parts = parts._replace(netloc=parts.hostname if ":" not in parts.hostname else f"[{parts.hostname}]")
+    key = hashlib.sha1(parts.geturl().encode()).hexdigest()[:16]
     return _cache_root() / "url" / key
 
 
@@ -810,6 +865,49 @@ def _unreachable(url):
         return f"no answer from {parts.hostname}:{port} within {_policy.connect_timeout:g} s"
     except OSError as exc:
         return f"{parts.hostname}:{port}: {exc.strerror or exc}"
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """Keep a redirect's own headers: the Hub's are on the redirect itself."""
+
+    def redirect_request(self, *args, **kwargs):
+        return None
+
+
+def _not_a_working_hub(request):
+    """None if the Hub answers a HEAD of the requested file as a Hub does
+    (any status below 500 that carries ``X-Repo-Commit`` or ``X-Error-Code``),
+    else what the server did instead."""
+    import urllib.error
+
+    revision = request.config.revision or "main"
+    url = (f"{current_hub_endpoint().rstrip('/')}/{request.source}/resolve/"
+           f"{urllib.parse.quote(revision, safe='')}/{urllib.parse.quote(request.filename)}")
+    headers = {}
+    token = os.environ.get("HF_TOKEN")
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    probe = urllib.request.Request(url, method="HEAD", headers=headers)
+    timeout = _policy.hub_answer_timeout
+    try:
+        with urllib.request.build_opener(_NoRedirect).open(probe, timeout=timeout) as response:
+            status, answer = response.status, response.headers
+    except urllib.error.HTTPError as error:
+        status, answer = error.code, error.headers
+    except (socket.timeout, TimeoutError):
+        return f"it accepted the connection but sent no answer within {timeout:g} s"
+    except urllib.error.URLError as error:
+        if isinstance(error.reason, (socket.timeout, TimeoutError)):
+            return f"it accepted the connection but sent no answer within {timeout:g} s"
+        return f"cannot connect ({error.reason})"
+    except (OSError, http.client.HTTPException) as error:
+        return f"it broke off the answer ({type(error).__name__}: {error})"
+    if status >= 500:
+        return f"it answered HTTP {status} to HEAD {url}"
+    if not (answer.get("X-Repo-Commit") or answer.get("X-Error-Code")):
+        return (f"it answered HTTP {status} to HEAD {url} without the Hub's headers "
+                f"(X-Repo-Commit, X-Error-Code): is it a Hugging Face Hub endpoint?")
+    return None
 
 
 def _load_manifest_file(path, request, purge=None):

@@ -211,18 +211,6 @@ def read_test_manifest(path, data_root, limit=None):
     return out
 
 
-def check_audio_files(entries, manifest):
-    """Raise ``FileNotFoundError`` naming every missing audio file (before any training)."""
-    missing = [(k, e["wav"]) for k, e in entries.items() if not Path(e["wav"]).is_file()]
-    if missing:
-        shown = "\n".join(f"  {k}: {w}" for k, w in missing[:10])
-        more = f"\n  ... and {len(missing) - 10} more" if len(missing) > 10 else ""
-        raise FileNotFoundError(
-            f"{len(missing)} of {len(entries)} audio files listed in {manifest} do not exist:"
-            f"\n{shown}{more}"
-        )
-
-
 def speech_test_dataset(entries):
     """DynamicItemDataset of a resolved speech descriptor: ``sig`` (read_audio) and ``words``."""
     dataset = sb.dataio.dataset.DynamicItemDataset(entries)

@@ -114,3 +114,45 @@ def restored_fetching():
             yield
         finally:
             fetching.uninstall()
+
+
+@contextmanager
+def misbehaving_hub(behaviour):
+    """A loopback server in the Hub's place that misbehaves: ``silent``
+    (accepts connections, never answers), ``error`` (HTTP 500 to everything)
+    or ``not a hub`` (a plain HTTP 200 without the Hub's headers). Yields its URL."""
+    import http.server
+    import socket
+    import threading
+
+    if behaviour == "silent":
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)  # the kernel completes handshakes; nobody answers
+        try:
+            yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+        finally:
+            listener.close()
+        return
+
+    status = {"error": 500, "not a hub": 200}[behaviour]
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_HEAD(self):
+            self.send_response(status)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_GET = do_HEAD
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()

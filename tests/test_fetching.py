@@ -5,6 +5,7 @@ Network access other than loopback is forbidden in this module (network_guard).
 """
 
 import os
+from contextlib import contextmanager
 import subprocess
 import sys
 import time
@@ -19,6 +20,8 @@ from fetch_helpers import (
     file_bytes,
     hub_blobs,
     leftovers,
+    make_fake_repo,
+    misbehaving_hub,
     served,  # noqa: F401 - fixture
 )
 from network_guard import _forbid_network  # noqa: F401 - autouse fixture
@@ -28,6 +31,7 @@ from sbtemplate.paths import REPO_ID
 network_guard.install()
 
 ERROR_DEADLINE_S = 5.0
+SILENT_HUB_DEADLINE_S = 15.0
 
 
 def sb():
@@ -99,6 +103,39 @@ def test_url_fetch_without_savedir_lands_in_the_fetch_cache(served, fake_repo, t
     served.urls.clear_log()
     assert sb().fetch("tokenizer.ckpt", url(served.url_base)) == path
     assert [r.path.rsplit("/", 1)[-1] for r in served.urls.requests] == ["manifest.json"]
+
+
+def test_loopback_runs_on_new_ports_share_one_url_cache(served, fake_repo, tmp_path):
+    """Every loopback run serves on a new port: they must not each leave a
+    cache folder behind, and a second server's files are verified as its own."""
+    first = Path(sb().fetch("tokenizer.ckpt", url(served.url_base)))
+    with servers.serve(fake_repo, REPO_ID) as other:
+        assert other.url_base != served.url_base
+        second = Path(sb().fetch("tokenizer.ckpt", url(other.url_base)))
+    assert second == first
+    assert len(list((tmp_path / "fetch-cache" / "url").iterdir())) == 1
+
+
+def test_a_copied_artifacts_tree_links_to_its_own_files(tmp_path, monkeypatch):
+    """Links that fetching leaves inside the artefacts tree are relative:
+    a copy of the tree uses the copy's files, not the original's."""
+    import shutil
+
+    root = tmp_path / "artifacts"
+    monkeypatch.setenv("SBTEMPLATE_ARTIFACTS", str(root))
+    repo = make_fake_repo(root / "tiny" / "model")
+    fetching.install()
+    try:
+        sb().fetch("lm.ckpt", local(repo), savedir=root / "tiny" / "pretrained")
+    finally:
+        fetching.uninstall()
+    link = root / "tiny" / "pretrained" / "lm.ckpt"
+    assert link.is_symlink() and not os.path.isabs(os.readlink(link))
+    shutil.copytree(root, tmp_path / "copy", symlinks=True)
+    shutil.rmtree(root)
+    copied = tmp_path / "copy" / "tiny" / "pretrained" / "lm.ckpt"
+    assert copied.resolve() == (tmp_path / "copy" / "tiny" / "model" / "lm.ckpt").resolve()
+    assert copied.read_bytes() == (tmp_path / "copy" / "tiny" / "model" / "lm.ckpt").read_bytes()
 
 
 def test_guard_refuses_other_hosts():
@@ -272,6 +309,9 @@ def _error_cases(served, tmp_path):
         "missing url file",
         "url server refusing",
         "hub server refusing",
+        "hub server silent",
+        "hub server failing",
+        "hub server not a hub",
         "hub offline, empty cache",
         "url offline, empty cache",
     ],
@@ -283,6 +323,14 @@ def test_errors_are_clear_fast_and_clean(served, tmp_path, case):
         refused = f"http://127.0.0.1:{servers.unused_loopback_port()}"
         filename, source, kwargs, expected = "lm.ckpt", hub(), {}, "connection refused"
         context = fetching.hub_endpoint(refused)
+    elif case.startswith("hub server "):
+        behaviour, expected = {
+            "hub server silent": ("silent", "it accepted the connection but sent no answer within 8 s"),
+            "hub server failing": ("error", "it answered HTTP 500 to HEAD http://127.0.0.1:"),
+            "hub server not a hub": ("not a hub", "without the Hub's headers (X-Repo-Commit, X-Error-Code)"),
+        }[case]
+        filename, source, kwargs = "lm.ckpt", hub(), {}
+        context = _misbehaving_endpoint(behaviour)
     else:
         filename, source, kwargs, expected = _error_cases(served, tmp_path)[case]
         context = _nullcontext()
@@ -296,7 +344,8 @@ def test_errors_are_clear_fast_and_clean(served, tmp_path, case):
     error = caught.value
     message = str(error)
     print(f"{case}: {elapsed:.3f} s: {message}")
-    assert elapsed < ERROR_DEADLINE_S
+    # A silent server has the probe's whole answer timeout (8 s by default).
+    assert elapsed < (SILENT_HUB_DEADLINE_S if case == "hub server silent" else ERROR_DEADLINE_S)
     assert expected in message
     assert filename in message
     assert error.filename == filename
@@ -306,6 +355,12 @@ def test_errors_are_clear_fast_and_clean(served, tmp_path, case):
         assert message.count("URL ") >= 1 and source.path.rstrip("/") in message
     assert not os.path.lexists(savedir / filename)
     assert leftovers(tmp_path / "fetch-cache", savedir) == []
+
+
+@contextmanager
+def _misbehaving_endpoint(behaviour):
+    with misbehaving_hub(behaviour) as url, fetching.hub_endpoint(url):
+        yield
 
 
 class _nullcontext:

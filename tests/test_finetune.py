@@ -20,6 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from network_guard import _forbid_network  # noqa: F401 - autouse fixture
@@ -52,9 +53,9 @@ def _env():
     return env
 
 
-def torchrun(out, *extra, nproc=2, timeout=TIMEOUT_S):
+def torchrun(out, *extra, nproc=2, timeout=TIMEOUT_S, script="finetune.py"):
     cmd = [str(TORCHRUN), "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), "finetune.py", "finetune.yaml",
+           "--master_port", str(_free_port()), script, "finetune.yaml",
            *RUN_OVERRIDES, f"--output_folder={out}", *extra]
     return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True,
                           timeout=timeout)
@@ -158,6 +159,60 @@ def test_resume_after_an_interruption_gives_the_same_lm(ddp_run, tmp_path):
     assert res["perplexity"]["finetuned"] == ddp_run["results"]["perplexity"]["finetuned"]
 
 
+def test_a_busy_output_folder_is_refused_on_every_rank(tiny_build, tmp_path):
+    """Two runs on one output folder: the second stops at once on both ranks,
+    names the holder, and leaves the first one's checkpoints alone."""
+    from sbtemplate.run_lock import hold_output_folder, release_output_folder
+
+    out = tmp_path / "busy"
+    (out / "save" / "CKPT+earlier").mkdir(parents=True)
+    hold_output_folder(out)
+    try:
+        done = torchrun(out, "--evaluate_base=False", "--evaluate_finetuned=False", timeout=300)
+    finally:
+        release_output_folder(out)
+    assert done.returncode != 0
+    holder = f"output folder {out.resolve()} is in use by pid {os.getpid()} on "
+    for rank in (0, 1):
+        lines = [line for line in done.stderr.splitlines() if line.startswith(f"rank {rank}: ERROR:")]
+        assert len(lines) == 1 and holder in lines[0], done.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == [".run.lock", "save"]
+    assert [p.name for p in (out / "save").iterdir()] == ["CKPT+earlier"]
+
+
+@pytest.mark.parametrize("flag", [[], ["--distributed_launch"]])
+def test_the_original_launch_line_runs_on_two_ranks(tiny_build, tmp_path, flag):
+    """python -m torch.distributed.launch (the original template's line) passes
+    --local-rank=N to every rank: the run takes it as torchrun's."""
+    out = tmp_path / "launch"
+    cmd = [str(PYTHON), "-m", "torch.distributed.launch", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={_free_port()}", "finetune.py", "finetune.yaml", *RUN_OVERRIDES, *flag,
+           "--evaluate_base=False", "--evaluate_finetuned=False", f"--output_folder={out}"]
+    done = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert results_of(out)["world_size"] == 2
+    assert done.stderr.count("note: torch.distributed.launch is deprecated") == 1
+
+
+def test_ctrl_c_during_a_checkpoint_save_never_poisons_the_rerun(ddp_run, tmp_path):
+    """Ctrl-C on both ranks while epoch 2's checkpoint is being saved: the
+    half-saved checkpoint is never listed, the rerun resumes from epoch 1's
+    and ends with the uninterrupted run's LM."""
+    from sbtemplate.checkpoints import STAGING_PREFIX
+
+    out = tmp_path / "ctrl_c"
+    quick = ["--evaluate_base=False", "--evaluate_finetuned=False"]
+    stopped = torchrun(out, *quick, script="tests/interrupted_finetune.py")
+    assert stopped.returncode != 0 and "KeyboardInterrupt" in stopped.stderr, stopped.stderr[-3000:]
+    saved = sorted(p.name for p in (out / "save").iterdir())
+    assert len([n for n in saved if n.startswith("CKPT+")]) == 1, saved
+    assert len([n for n in saved if n.startswith(STAGING_PREFIX)]) == 1, saved
+    _check(torchrun(out, *quick))
+    res = results_of(out)
+    assert res["lm"]["finetuned_digest"] == ddp_run["results"]["lm"]["finetuned_digest"]
+    assert not [p for p in (out / "save").iterdir() if p.name.startswith(STAGING_PREFIX)]
+
+
 def test_two_nodes_on_loopback_match_one_node(ddp_run, tmp_path):
     out = tmp_path / "two_nodes"
     port = _free_port()
@@ -199,16 +254,48 @@ def test_override_of_a_missing_key_fails_on_every_rank(tmp_path, tiny_build):
         assert f"rank {rank}: ERROR: KeyError" in stderr and "no_such_key" in stderr, stderr[-3000:]
 
 
-def test_missing_audio_fails_on_every_rank(tmp_path, tiny_build):
+@pytest.mark.parametrize("fault, reason", [("missing", "no such file"), ("narrowband", "8000 Hz"),
+                                           ("stereo", "2 channels")])
+def test_unusable_audio_fails_on_every_rank_before_training(tmp_path, tiny_build, fault, reason):
+    import soundfile
+
     entries = json.loads((tiny_build.manifests / "test.json").read_text())
     first = sorted(entries)[0]
-    entries[first]["wav"] = "{data_root}/nowhere/missing.flac"
+    source = entries[first]["wav"].replace("{data_root}", str(tiny_build.corpus / "LibriSpeech"))
+    audio, rate = soundfile.read(source, dtype="float32")
+    bad = tmp_path / f"{fault}.wav"
+    if fault == "narrowband":  # 8 kHz audio would be decoded as if it were 16 kHz
+        soundfile.write(bad, audio[::2], rate // 2)
+    elif fault == "stereo":
+        soundfile.write(bad, np.stack([audio, audio], axis=1), rate)
+    entries[first]["wav"] = str(bad)
     manifest = tmp_path / "test.json"
     manifest.write_text(json.dumps(entries))
     stderr = _bad_run(tmp_path, f"--test_annotation={manifest}")
     for rank in (0, 1):
-        assert f"rank {rank}: ERROR: FileNotFoundError" in stderr, stderr[-3000:]
-    assert "missing.flac" in stderr
+        assert re.search(rf"rank {rank}: ERROR: AudioFormatError: 1 of \d+ audio files listed in "
+                         rf"{re.escape(str(manifest))} cannot be used \(expected 16000 Hz mono", stderr), stderr[-3000:]
+    assert f"{first}: {bad}: {reason}" in stderr
+    assert not list((tmp_path / "bad").rglob("CKPT*")) and not (tmp_path / "bad" / "results.json").exists()
+
+
+def test_an_override_of_the_wrong_type_names_the_key(tmp_path, tiny_build):
+    done = single(tmp_path / "out", "--seed=abc", timeout=240)
+    assert done.returncode != 0
+    assert "rank 0: ERROR: ConfigError: --seed='abc': finetune.yaml gives seed as an integer" in done.stderr, (
+        done.stderr[-3000:])
+
+
+def test_a_yaml_syntax_error_names_the_file_and_line(tmp_path, tiny_build):
+    broken = tmp_path / "broken.yaml"
+    lines = (ROOT / "finetune.yaml").read_text().splitlines()
+    lines[4] = "seed: [1986"  # an unclosed flow sequence
+    broken.write_text("\n".join(lines) + "\n")
+    cmd = [str(PYTHON), "finetune.py", str(broken), "--profile=tiny", f"--output_folder={tmp_path / 'out'}"]
+    done = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240)
+    assert done.returncode != 0
+    assert f"rank 0: ERROR: ConfigError: {broken}: YAML syntax error at line " in done.stderr, done.stderr[-3000:]
+    assert "<unicode string>" not in done.stderr
 
 
 def test_world_size_larger_than_the_batches_fails_on_every_rank(tmp_path, tiny_build):

@@ -31,6 +31,7 @@ import regression
 import torch
 
 from sbtemplate.paths import ProfilePaths
+from sbtemplate.run_lock import hold_output_folder, release_output_folder
 from sbtemplate.servers import unused_loopback_port
 from sbtemplate.slu import parse_semantics, serialize_semantics
 
@@ -249,7 +250,7 @@ def test_the_check_names_what_moved_and_by_how_much(debug_run):
 
 @pytest.mark.parametrize(
     "case",
-    ["missing_repo", "missing_url_file", "unreachable_url", "local_folder_without_file"],
+    ["missing_repo", "missing_url_file", "unreachable_url", "local_folder_without_file", "missing_local_folder"],
 )
 def test_a_wrong_source_fails_with_the_fetching_error(case, tiny_build, tmp_path):
     override, expected = {
@@ -269,12 +270,17 @@ def test_a_wrong_source_fails_with_the_fetching_error(case, tiny_build, tmp_path
             ["--normalizer_source", str(tmp_path / "normalizer.ckpt")],
             f"Cannot fetch 'normalizer.ckpt' from local folder '{tmp_path}'",
         ),
+        "missing_local_folder": (  # not a Hub repo id, though SpeechBrain would take it for one
+            ["--lm_source", str(tmp_path / "missing" / "path" / "lm.ckpt")],
+            f"Cannot fetch 'lm.ckpt' from local folder '{tmp_path / 'missing' / 'path'}'",
+        ),
     }[case]
     reason = {
         "missing_repo": "repository not found",
         "missing_url_file": "file not found on the server (HTTP 404)",
         "unreachable_url": "the server is unreachable (connection refused",
         "local_folder_without_file": "no such file in the folder",
+        "missing_local_folder": "no such folder",
     }[case]
     done, _ = run_recipe("--output_folder", str(tmp_path / "out"), *override, timeout=300)
     assert done.returncode == FETCH_FAILED, done.stdout[-2000:] + done.stderr[-2000:]
@@ -303,3 +309,20 @@ def test_semantics_serialisation_round_trips():
     assert serialize_semantics({"intent": "cancel_timer", "slots": {}}) == "cancel_timer"
     for malformed in ("", "| =", "set_timer | duration", "set_timer | = ten", "a b | x = y"):
         assert parse_semantics(malformed) is None
+
+
+def test_a_busy_output_folder_is_refused_untouched(tiny_build, tmp_path):
+    """Another run holds the folder (here: this test process): the recipe
+    stops within seconds, names the holder and writes nothing there."""
+    out = tmp_path / "out"
+    hold_output_folder(out)
+    try:
+        started = time.monotonic()
+        done, _ = run_recipe("--output_folder", str(out), timeout=300)
+    finally:
+        release_output_folder(out)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert f"CANNOT RUN: output folder {out.resolve()} is in use by pid {os.getpid()} on " in done.stderr
+    assert "Traceback" not in done.stderr
+    assert [p for p in out.rglob("*") if p.is_file()] == [out / ".run.lock"]  # nothing written
+    assert time.monotonic() - started < 60
