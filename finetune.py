@@ -25,6 +25,8 @@ from pathlib import Path
 from sbtemplate import fetching
 
 logger = logging.getLogger(__name__)
+# What the run is doing, for the message when the ranks lose each other.
+STAGE = {"now": "set-up"}
 
 
 def run(hparams_file, run_opts, overrides):
@@ -90,6 +92,7 @@ def run(hparams_file, run_opts, overrides):
                   f"device {run_opts.device}; {ep.describe()}", flush=True)
 
         # 4. Fetch (rank 0 downloads, the others wait) and load the recognizer.
+        STAGE["now"] = "fetching the recognizer"
         fetching.collect_pretrained(hparams)
         tokenizer = hparams["tokenizer"]
         text = {
@@ -129,6 +132,7 @@ def run(hparams_file, run_opts, overrides):
         timings["setup_s"] = time.time() - started
 
         # 6. Before fine-tuning: perplexities and WER with the base LM.
+        STAGE["now"] = "evaluation with the base LM"
         t = time.time()
         results["perplexity"]["base"] = {
             "target_valid": brain.lm_perplexity(text["valid"], valid_kwargs)["perplexity"],
@@ -140,6 +144,7 @@ def run(hparams_file, run_opts, overrides):
         timings["base_eval_s"] = time.time() - t
 
         # 7. Fine-tune the LM (resumes from the last checkpoint if interrupted).
+        STAGE["now"] = "fine-tuning"
         t = time.time()
         brain.fit(hparams["epoch_counter"], text["train"], text["valid"],
                   train_loader_kwargs=train_kwargs, valid_loader_kwargs=valid_kwargs)
@@ -155,6 +160,7 @@ def run(hparams_file, run_opts, overrides):
                                       tuned_lm)
 
         # 8. After: perplexities, then the test set through both evaluation paths.
+        STAGE["now"] = "evaluation with the fine-tuned LM"
         t = time.time()
         results["perplexity"]["finetuned"] = {
             "target_valid": brain.lm_perplexity(text["valid"], valid_kwargs)["perplexity"],
@@ -177,6 +183,7 @@ def run(hparams_file, run_opts, overrides):
         timings["finetuned_eval_s"] = time.time() - t
 
         # 9. Checks: frozen ASR on every rank, LM moved, paths agree.
+        STAGE["now"] = "the final checks"
         frozen_after = brain.frozen_digests()
         per_rank = exchange({"rank": rank, "before": frozen_before, "after": frozen_after},
                             group=brain.ddp_eval_group, what="frozen check")
@@ -282,8 +289,15 @@ def main(argv=None):
         return lf.EXIT_INTERRUPTED
     except Exception as exc:  # noqa: BLE001 - one clear line per rank, non-zero exit
         logger.debug("failure", exc_info=True)
-        print(f"rank {rank}: ERROR: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
-        lf.failure_barrier()
+        if lf.is_collective_timeout(exc):
+            # A rank stalled or died: find which before saying so.
+            missing = [r for r in lf.failure_barrier() if r >= 0]
+            who = f"rank {', '.join(map(str, missing))}" if missing else "another rank"
+            print(f"rank {rank}: ERROR: {who} stopped answering during {STAGE['now']}: a collective "
+                  f"waited past collective_timeout_s ({type(exc).__name__}: {exc})", file=sys.stderr, flush=True)
+        else:
+            print(f"rank {rank}: ERROR: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+            lf.failure_barrier()
         if os.environ.get("SBTEMPLATE_TRACEBACK"):
             raise
         return 1

@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import re
 from pathlib import Path
 
 import speechbrain as sb
@@ -135,18 +136,28 @@ def failure_barrier():
     off the others' error messages when they all fail alike (a bad override, a
     missing file, too few batches). A failing rank waits here, at most
     ``FAILURE_BARRIER_S`` seconds, for the others; a rank that fails alone
-    times out and exits, and torchrun ends the rest. Returns True if all met.
+    times out and exits, and torchrun ends the rest. Returns the ranks that
+    did not come (rank 0 learns them all; the others, at most that some did
+    not: ``[-1]``), empty when all met.
     """
     group = _failure["group"]
     if group is None or not torch.distributed.is_initialized():
-        return True
+        return []
     try:
         torch.distributed.monitored_barrier(
-            group=group, timeout=datetime.timedelta(seconds=FAILURE_BARRIER_S)
+            group=group, timeout=datetime.timedelta(seconds=FAILURE_BARRIER_S), wait_all_ranks=True
         )
-        return True
-    except RuntimeError:
-        return False
+        return []
+    except RuntimeError as error:
+        # "Ranks 1, 3 failed to pass monitoredBarrier in 20000 ms"
+        found = re.search(r"Ranks? ([\d, ]+) failed to pass monitoredBarrier", str(error))
+        return [int(r) for r in found.group(1).replace(" ", "").split(",") if r] if found else [-1]
+
+
+def is_collective_timeout(error):
+    """Whether ``error`` is a collective that waited past its timeout (gloo, NCCL)."""
+    text = f"{type(error).__name__}: {error}"
+    return "Timed out waiting" in text or "DistBackendError" in text or "Watchdog caught collective operation timeout" in text
 
 
 def shared_endpoints(endpoints, cache_dir):

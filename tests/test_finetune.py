@@ -213,6 +213,19 @@ def test_ctrl_c_during_a_checkpoint_save_never_poisons_the_rerun(ddp_run, tmp_pa
     assert not [p for p in (out / "save").iterdir() if p.name.startswith(STAGING_PREFIX)]
 
 
+def test_a_stalled_rank_is_named_with_what_the_run_was_doing(tiny_build, tmp_path):
+    """Rank 1 stops answering in its first training step: rank 0 fails after
+    the collective timeout, naming the rank and the stage."""
+    overrides = [o for o in RUN_OVERRIDES if not o.startswith("--collective_timeout_s")]
+    cmd = [str(TORCHRUN), "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
+           "tests/stalled_finetune.py", "finetune.yaml", *overrides, "--collective_timeout_s=10",
+           "--evaluate_base=False", "--evaluate_finetuned=False", f"--output_folder={tmp_path / 'out'}"]
+    done = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert done.returncode != 0
+    assert ("rank 0: ERROR: rank 1 stopped answering during fine-tuning: a collective waited past "
+            "collective_timeout_s") in done.stderr, done.stderr[-3000:]
+
+
 def test_two_nodes_on_loopback_match_one_node(ddp_run, tmp_path):
     out = tmp_path / "two_nodes"
     port = _free_port()
