@@ -323,14 +323,18 @@ def evaluate_base(paths, batch_size=8):
     """WER of the published recognizer (beam search + RNNLM) on both test sets."""
     from sbtemplate.evaluation import transcribe_manifest
 
+    import tempfile
+
     report = {}
-    for name in ("test_general", "test"):
-        stats = transcribe_manifest(
-            paths.model_dir, paths.manifests / f"{name}.json",
-            paths.corpus / "LibriSpeech", savedir=paths.root / "pretrained_eval",
-            batch_size=batch_size,
-        )
-        report[name] = stats
+    # SpeechBrain links the savedir to the model folder by absolute paths:
+    # kept in the tree, a copy of the tree would point into the original.
+    shutil.rmtree(paths.root / "pretrained_eval", ignore_errors=True)  # what older builds kept
+    with tempfile.TemporaryDirectory(dir=paths.root, prefix="evaluating.") as savedir:
+        for name in ("test_general", "test"):
+            report[name] = transcribe_manifest(
+                paths.model_dir, paths.manifests / f"{name}.json",
+                paths.corpus / "LibriSpeech", savedir=savedir, batch_size=batch_size,
+            )
     return report
 
 

@@ -28,6 +28,14 @@ def test_published_layout_and_manifest(tiny_build):
     assert not os.path.isabs(os.readlink(link))  # the tree can be moved
 
 
+def test_the_built_tree_links_only_within_itself(tiny_build):
+    """A copied or moved artefacts tree must use its own files: no link in a
+    freshly built profile points anywhere by an absolute path."""
+    build_mod.evaluate_base(tiny_build)  # what a build does last
+    absolute = [p for p in tiny_build.root.rglob("*") if p.is_symlink() and os.path.isabs(os.readlink(p))]
+    assert absolute == []
+
+
 def test_build_report_has_both_test_sets(tiny_build):
     report = json.loads(tiny_build.build_report.read_text())
     assert set(report["wer"]) == {"test_general", "test"}
