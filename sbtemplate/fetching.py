@@ -256,7 +256,7 @@ class FetchPolicy:
     cache_dir: str = None
     allow_network: bool = True
     connect_timeout: float = 2.0
-    hub_answer_timeout: float = 6.0
+    hub_answer_timeout: float = 5.0
     io_timeout: float = 10.0
     verify: bool = True
 

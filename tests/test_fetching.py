@@ -325,7 +325,7 @@ def test_errors_are_clear_fast_and_clean(served, tmp_path, case):
         context = fetching.hub_endpoint(refused)
     elif case.startswith("hub server "):
         behaviour, expected = {
-            "hub server silent": ("silent", "it accepted the connection but sent no answer within 6 s"),
+            "hub server silent": ("silent", "it accepted the connection but sent no answer within 5 s"),
             "hub server failing": ("error", "it answered HTTP 500 to HEAD http://127.0.0.1:"),
             "hub server not a hub": ("not a hub", "without the Hub's headers (X-Repo-Commit, X-Error-Code)"),
         }[case]
@@ -344,7 +344,7 @@ def test_errors_are_clear_fast_and_clean(served, tmp_path, case):
     error = caught.value
     message = str(error)
     print(f"{case}: {elapsed:.3f} s: {message}")
-    # A silent server has the probe's whole answer timeout (6 s by default).
+    # A silent server has the probe's whole answer timeout (5 s by default).
     assert elapsed < (SILENT_HUB_DEADLINE_S if case == "hub server silent" else ERROR_DEADLINE_S)
     assert expected in message
     assert filename in message
