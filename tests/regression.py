@@ -24,6 +24,7 @@ earlier or later. So the check splits a run's results in three:
 import collections
 import json
 import math
+from pathlib import Path
 
 import torch
 from speechbrain.utils.edit_distance import accumulatable_wer_stats
@@ -57,7 +58,7 @@ ACCURACY_POINTS = 12.5
 
 def file_digests(manifest_file):
     """``{file: sha256}`` from a published recognizer's ``manifest.json``."""
-    manifest = json.loads(open(manifest_file).read())
+    manifest = json.loads(Path(manifest_file).read_text())
     return {name: entry["sha256"] for name, entry in sorted(manifest.items())}
 
 
