@@ -513,7 +513,7 @@ def _relative_link_within_artifacts(link):
     link = Path(link)
     target = Path(os.readlink(link))
     root = artifacts_root().resolve()
-    if not target.is_absolute() or not _within(target, root) or not _within(link.parent.resolve(), root):
+    if not (target.is_absolute() and target.is_relative_to(root) and link.parent.resolve().is_relative_to(root)):
         return
     relative = os.path.relpath(target, link.parent.resolve())
     tmp = link.with_name(link.name + ".relinking")
@@ -521,14 +521,6 @@ def _relative_link_within_artifacts(link):
         tmp.unlink()
     tmp.symlink_to(relative)
     os.replace(tmp, link)
-
-
-def _within(path, root):
-    try:
-        Path(path).relative_to(root)
-        return True
-    except ValueError:
-        return False
 
 
 def _looks_like_a_path(source):
@@ -889,17 +881,16 @@ def _not_a_working_hub(request):
         headers["Authorization"] = f"Bearer {token}"
     probe = urllib.request.Request(url, method="HEAD", headers=headers)
     timeout = _policy.hub_answer_timeout
+    silent = f"it accepted the connection but sent no answer within {timeout:g} s"
     try:
         with urllib.request.build_opener(_NoRedirect).open(probe, timeout=timeout) as response:
             status, answer = response.status, response.headers
     except urllib.error.HTTPError as error:
         status, answer = error.code, error.headers
     except (socket.timeout, TimeoutError):
-        return f"it accepted the connection but sent no answer within {timeout:g} s"
+        return silent
     except urllib.error.URLError as error:
-        if isinstance(error.reason, (socket.timeout, TimeoutError)):
-            return f"it accepted the connection but sent no answer within {timeout:g} s"
-        return f"cannot connect ({error.reason})"
+        return silent if isinstance(error.reason, (socket.timeout, TimeoutError)) else f"cannot connect ({error.reason})"
     except (OSError, http.client.HTTPException) as error:
         return f"it broke off the answer ({type(error).__name__}: {error})"
     if status >= 500:
