@@ -51,8 +51,10 @@ SBTEMPLATE_DEVICE=cuda:0 step padding_tests_cuda 80 "$PY" -m pytest -q -p no:cac
 # The two decoding runs side by side: the GPU run drives its device from one
 # core, the CPU run uses 8 threads; each takes about 1-2 minutes.
 SBTEMPLATE_DEVICE=cuda:0 step decode_gpu 170 "$PY" -m sbtemplate.benchmarks.padding \
-    --profile tiny --no-stages --json "$OUT_DIR/decode_gpu.json" &
+    --profile tiny --no-stages --repeats 1 --long-form 0 --recognizers padding_invariant stock \
+    --json "$OUT_DIR/decode_gpu.json" &
 SBTEMPLATE_DEVICE=cpu step decode_cpu 170 "$PY" -m sbtemplate.benchmarks.padding \
-    --profile tiny --no-stages --threads 8 --json "$OUT_DIR/decode_cpu.json" &
+    --profile tiny --no-stages --threads 8 --repeats 1 --long-form 0 \
+    --recognizers padding_invariant stock --json "$OUT_DIR/decode_cpu.json" &
 wait
 "$PY" -m sbtemplate.benchmarks.gpu_table "$OUT_DIR" | tee "$OUT_DIR/table.md"

@@ -36,16 +36,18 @@ def _plots(figures, out):
     import matplotlib.pyplot as plt
 
     made = []
-    padding = figures.get("padding")
-    if padding:
-        fig, ax = plt.subplots(figsize=(5, 3.2))
+    test_set = (figures.get("padding") or {}).get("sets", {}).get("test")
+    if test_set and test_set["wer"]["padding_invariant"]["bs1"]:
+        fig, ax = plt.subplots(figsize=(6, 3.2))
+        names = list(test_set["batch_counts"])
         for variant, style in (("stock", "o--"), ("padding_invariant", "s-")):
-            wer = padding["wer"][variant]
-            names = [n for n in ("bs1", "bs8", "bs16", "dynamic") if n in wer]
-            ax.plot(range(len(names)), [wer[n]["WER"] for n in names], style, label=variant.replace("_", "-"))
-        ax.set_xticks(range(len(names)), names)
+            if variant in test_set["wer"]:
+                wer = test_set["wer"][variant]
+                ax.plot(range(len(names)), [wer[n]["WER"] for n in names], style,
+                        label=variant.replace("_", "-"))
+        ax.set_xticks(range(len(names)), [n.replace("_", "\n") for n in names])
         ax.set_ylabel("WER (%)")
-        ax.set_title(f"WER against batching ({padding['utterances']} utterances)")
+        ax.set_title(f"WER against batching ({test_set['utterances']} utterances)")
         ax.legend()
         fig.tight_layout()
         fig.savefig(out / "wer_vs_batch_size.png", dpi=100)
@@ -65,7 +67,7 @@ def _plots(figures, out):
     return made
 
 
-def run(profile="full", out="results", max_utterances=60, threads=1):
+def run(profile="full", out="results", max_utterances=60, threads=1, repeats=3):
     from sbtemplate.benchmarks import ddp_eval, finetune, padding
 
     paths = ProfilePaths.for_profile(profile)
@@ -92,7 +94,7 @@ def run(profile="full", out="results", max_utterances=60, threads=1):
         figures["finetune_run"] = json.loads(results[-1].read_text())
 
     timed("padding", lambda: padding.run(profile=profile, max_utterances=max_utterances,
-                                         threads=threads))
+                                         threads=threads, repeats=repeats))
     timed("finetune", lambda: finetune.run(profile=profile, threads=threads))
     timed("ddp_eval", lambda: ddp_eval.run(
         ranks=(1, 2), model_dir=paths.model_dir, manifest=paths.manifests / "test.json",
@@ -117,7 +119,8 @@ def run(profile="full", out="results", max_utterances=60, threads=1):
             f"| target-domain valid perplexity | {ppl['base']['target_valid']:.3f} | {ppl['finetuned']['target_valid']:.3f} |\n"
             f"| target-domain test WER | {res['wer'].get('base_lm', float('nan')):.2f}% | "
             f"{res['wer'].get('finetuned_brain', float('nan')):.2f}% |"))
-    sections.append(_section("Padding-invariant decoding", padding.format_table(figures["padding"])))
+    sections.append(_section("Decoding: padding-invariant against stock, every batching",
+                             "```\n" + padding.format_table(figures["padding"]) + "\n```"))
     sections.append(_section("LM-only fine-tuning cost and dynamic batching",
                              finetune.format_table(figures["finetune"])))
     sections.append(_section("Sharded evaluation, 2 ranks against 1",
@@ -142,9 +145,11 @@ def main(argv=None):
     parser.add_argument("--max-utterances", type=int, default=60,
                         help="test utterances decoded by the padding and DDP benchmarks")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="timed runs of each decoding (median and spread reported)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    run(args.profile, args.out, args.max_utterances, args.threads)
+    run(args.profile, args.out, args.max_utterances, args.threads, args.repeats)
     return 0
 
 

@@ -134,7 +134,9 @@ def test_dynamic_batches_are_equal_per_rank_and_cover_the_text(ddp_run, tiny_bui
         ranks = epoch["batching_per_rank"]
         assert ranks[0]["batches"] == ranks[1]["batches"] > 0
         assert sum(r["items"] for r in ranks) == n_train == epoch["train_sentences"]
-        assert all(0 <= r["padding_fraction"] < 1 for r in ranks)
+        # finetune.yaml's buckets hold one sentence length each: at most 10% padding
+        # on every rank (SpeechBrain's warped buckets gave 27-29% on the full corpus)
+        assert all(0 <= r["padding_fraction"] <= 0.10 for r in ranks), ranks
 
 
 def test_target_perplexity_falls(ddp_run):

@@ -9,9 +9,10 @@ at batch size 1, 8 and in dynamic batches, on a random-initialised recognizer
 and on the trained tiny one.
 """
 
-import os
+import contextlib
 import copy
 import json
+import os
 import random
 
 import pytest
@@ -44,6 +45,7 @@ from sbtemplate.padding_invariant.encoder import (
 )
 from sbtemplate.padding_invariant.random_model import write_random_recognizer
 from sbtemplate.padding_invariant.selection import rnn_greedy_searcher
+from sbtemplate.padding_invariant.sub_batches import length_groups
 from sbtemplate.benchmarks.padding import data_root
 from sbtemplate.paths import ProfilePaths
 
@@ -106,6 +108,26 @@ def random_asr(random_model_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def wavs():
     return _waveforms(LENGTHS_S)
+
+
+@contextlib.contextmanager
+def whole_batches(*modules):
+    """Encode/search each batch whole instead of in length groups.
+
+    The per-stage checks need it: with the groups on, a mixed batch is split
+    and the per-utterance arithmetic the checks are about is hardly exercised.
+    """
+    for module in modules:
+        module.max_length_ratio = None
+    try:
+        yield
+    finally:
+        for module in modules:
+            del module.max_length_ratio  # back to the class default
+
+
+def _whole(asr):
+    return whole_batches(asr.mods.encoder, asr.mods.decoder)
 
 
 # --------------------------------------------------------------------------- #
@@ -312,9 +334,10 @@ def test_stage_encoder_lengths(random_asr):
     sub = [0.1 * torch.randn(n, generator=g) for n in lengths]
     own, seen = diag.encoder_lengths(random_asr[False], sub)
     assert sum(a != b for a, b in zip(own, seen)) == len(lengths) - 1
-    own, seen = diag.encoder_lengths(random_asr[True], sub)
-    assert own == seen
-    assert diag.encoder_leak(random_asr[True], sub) < 1e-4
+    with _whole(random_asr[True]):
+        own, seen = diag.encoder_lengths(random_asr[True], sub)
+        assert own == seen
+        assert diag.encoder_leak(random_asr[True], sub) < 1e-4
 
 
 def test_stage_search_limits(random_asr, wavs):
@@ -351,7 +374,10 @@ def _searcher(asr, padding_invariant, kind="beam", eos_bias=0.0, **changes):
 
     kwargs.update(beam_size=4, eos_threshold=1.5)
     kwargs.update(changes)
-    return rnn_beam_searcher(padding_invariant=padding_invariant, **kwargs)
+    searcher = rnn_beam_searcher(padding_invariant=padding_invariant, **kwargs)
+    if padding_invariant:
+        searcher.max_length_ratio = None  # the whole batch: the step limits are under test
+    return searcher
 
 
 def test_stage_min_decode_steps_per_utterance(random_asr, wavs):
@@ -441,9 +467,12 @@ def random_refs():
     return [" ".join(rng.choice(words) for _ in range(4)) for _ in LENGTHS_S]
 
 
-def test_batch_matches_batch_size_one_random_model(random_asr, wavs, random_refs):
-    assert isinstance(random_asr[True].mods.decoder, PaddingInvariantS2SRNNBeamSearcher)
-    _check(_decodings(random_asr[True], wavs, LENGTHS_S), random_refs, invariant=True)
+@pytest.mark.parametrize("groups", ["length groups", "whole batches"])
+def test_batch_matches_batch_size_one_random_model(random_asr, wavs, random_refs, groups):
+    asr = random_asr[True]
+    assert isinstance(asr.mods.decoder, PaddingInvariantS2SRNNBeamSearcher)
+    with _whole(asr) if groups == "whole batches" else contextlib.nullcontext():
+        _check(_decodings(asr, wavs, LENGTHS_S), random_refs, invariant=True)
 
 
 def test_stock_classes_differ_random_model(random_asr, wavs, random_refs):
@@ -455,7 +484,8 @@ def test_stock_classes_differ_random_model(random_asr, wavs, random_refs):
     )
 
 
-def test_padding_past_the_longest_utterance(random_asr, wavs):
+@pytest.mark.parametrize("groups", ["length groups", "whole batches"])
+def test_padding_past_the_longest_utterance(random_asr, wavs, groups):
     """Extra padding after the longest utterance (e.g. to a multiple) changes nothing."""
     asr = random_asr[True]
     sub = wavs[:4]
@@ -463,7 +493,8 @@ def test_padding_past_the_longest_utterance(random_asr, wavs):
     L = sig.shape[1]
     extra = torch.cat([sig, torch.randn(len(sub), 8000)], dim=1)  # non-zero junk
     rel_extra = rel * L / extra.shape[1]
-    with torch.no_grad():
+    whole = _whole(asr) if groups == "whole batches" else contextlib.nullcontext()
+    with torch.no_grad(), whole:
         _, tok_a = asr.transcribe_batch(sig, rel)
         _, tok_b = asr.transcribe_batch(extra, rel_extra)
     assert [list(map(int, t)) for t in tok_a] == [list(map(int, t)) for t in tok_b]
@@ -523,8 +554,11 @@ def tiny(request, tmp_path_factory):
     return {"asr": asr, "wavs": wavs, "refs": refs, "durations": durations}
 
 
-def test_batch_matches_batch_size_one_trained_tiny(tiny):
-    d = _decodings(tiny["asr"][True], tiny["wavs"], tiny["durations"])
+@pytest.mark.parametrize("groups", ["length groups", "whole batches"])
+def test_batch_matches_batch_size_one_trained_tiny(tiny, groups):
+    asr = tiny["asr"][True]
+    with _whole(asr) if groups == "whole batches" else contextlib.nullcontext():
+        d = _decodings(asr, tiny["wavs"], tiny["durations"])
     _check(d, tiny["refs"], invariant=True)
 
 
@@ -535,11 +569,12 @@ def test_stages_trained_tiny(tiny):
     assert diag.conv_boundary_leak(fixed, wavs) < 1e-4
     assert diag.rnn_leak(stock, wavs) > 1e-4
     assert diag.rnn_leak(fixed, wavs) < 1e-5
-    own, seen = diag.encoder_lengths(fixed, wavs)
-    assert own == seen
-    same, total, diff, _, _ = diag.search_leak(
-        fixed.mods.decoder, diag.lone_encoder_outputs(fixed, wavs)
-    )
+    with _whole(fixed):
+        own, seen = diag.encoder_lengths(fixed, wavs)
+        assert own == seen
+        same, total, diff, _, _ = diag.search_leak(
+            fixed.mods.decoder, diag.lone_encoder_outputs(fixed, wavs)
+        )
     assert same == total and diff < 1e-4
 
 
@@ -553,3 +588,182 @@ def test_stock_and_invariant_classes_agree_at_batch_size_one_trained_tiny(tiny):
     cmp = compare(stock, invariant)
     assert cmp["identical"] == cmp["total"] == len(tiny["wavs"]), cmp
     assert cmp["max_score_diff"] < 1e-4, cmp
+
+
+# --------------------------------------------------------------------------- #
+# Length groups inside one call
+# --------------------------------------------------------------------------- #
+def test_length_groups_partition_the_batch_within_the_ratio():
+    rng = random.Random(7)
+    for _ in range(300):
+        lengths = [rng.randint(1, 400) for _ in range(rng.randint(1, 20))]
+        ratio = rng.choice([1.0, 1.2, 1.5, 3.0])
+        groups = length_groups(lengths, ratio)
+        assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+        for g in groups:
+            assert [lengths[i] for i in g] == sorted((lengths[i] for i in g), reverse=True)
+            assert lengths[g[-1]] * ratio >= lengths[g[0]]
+        heads = [lengths[g[0]] for g in groups]
+        assert heads == sorted(heads, reverse=True)
+        # greedy: the next group's longest would not have fitted the previous group
+        for a, b in zip(groups, groups[1:]):
+            assert lengths[b[0]] * ratio < lengths[a[0]]
+    assert length_groups([5, 50, 7], None) == [[1, 2, 0]]
+    with pytest.raises(ValueError, match="at least 1"):
+        length_groups([1, 2], 0.5)
+
+
+def _spy(monkeypatch, module, method):
+    """Record the batch shapes ``module.method`` is called with."""
+    calls = []
+    original = getattr(module, method)
+
+    def spy(x, lengths):
+        calls.append((tuple(x.shape[:2]), [int(n) for n in lengths]))
+        return original(x, lengths)
+
+    monkeypatch.setattr(module, method, spy)
+    return calls
+
+
+def test_a_mixed_batch_is_encoded_and_searched_in_groups(random_asr, wavs, monkeypatch):
+    """Each group is run padded to its own longest member; the results equal the whole batch's."""
+    asr = random_asr[True]
+    sig, rel = diag.pad_batch(wavs)
+    with torch.no_grad(), _whole(asr):
+        _, whole_tokens = asr.transcribe_batch(sig, rel)
+        whole_enc = asr.encode_batch(sig, rel)
+    enc_calls = _spy(monkeypatch, asr.mods.encoder, "forward_with_lengths")
+    search_calls = _spy(monkeypatch, asr.mods.decoder, "_search")
+    with torch.no_grad():
+        enc = asr.encode_batch(sig, rel)
+        _, tokens = asr.transcribe_batch(sig, rel)
+    groups = length_groups([len(w) for w in wavs])  # by samples in the encoder
+    frame_groups = length_groups(enc.frame_lengths)  # by encoder frames in the search
+    assert len(groups) > 2 and len(frame_groups) > 2
+    assert len(enc_calls) == 2 * len(groups)  # encode_batch, then transcribe_batch
+    for (shape, lengths), rows in zip(enc_calls, groups + groups):
+        assert shape == (len(rows), len(wavs[rows[0]]))  # padded to its own longest
+        assert lengths == [len(wavs[i]) for i in rows]
+    frames = enc.frame_lengths.tolist()
+    assert [c[1] for c in search_calls] == [[frames[i] for i in g] for g in frame_groups]
+    assert [c[0][1] for c in search_calls] == [frames[g[0]] for g in frame_groups]
+    assert [list(map(int, t)) for t in tokens] == [list(map(int, t)) for t in whole_tokens]
+    assert enc.shape == whole_enc.shape
+    assert enc.frame_lengths.tolist() == whole_enc.frame_lengths.tolist()
+    assert (enc - whole_enc).abs().max().item() < 1e-5
+
+
+def test_grouped_search_returns_what_the_whole_batch_returns(random_asr, wavs):
+    """Every output of the searcher, top-k included: tokens, relative lengths, scores."""
+    asr = random_asr[True]
+    enc = diag.lone_encoder_outputs(asr, wavs)
+    batch, rel = diag.pad_batch([e[0] for e in enc])
+    enc_lens = torch.tensor([e.shape[1] for e in enc])
+    searcher = asr.mods.decoder
+    for topk in (False, True):
+        searcher.return_topk = topk
+        try:
+            with torch.no_grad():
+                grouped = searcher(batch, rel, enc_lens=enc_lens)
+                with whole_batches(searcher):
+                    whole = searcher(batch, rel, enc_lens=enc_lens)
+        finally:
+            searcher.return_topk = False
+        if topk:
+            hyps_g, lens_g, scores_g, logp_g = grouped
+            hyps_w, lens_w, scores_w, logp_w = whole
+            width = hyps_w.shape[-1]
+            assert hyps_g.shape[-1] == width
+            assert torch.equal(torch.round(lens_g * width), torch.round(lens_w * width))
+            for b in range(len(wavs)):
+                for k in range(hyps_w.shape[1]):
+                    n = int(torch.round(lens_w[b, k] * width))
+                    assert torch.equal(hyps_g[b, k, :n], hyps_w[b, k, :n])
+        else:
+            assert grouped[0] == whole[0]
+            assert torch.equal(grouped[1], whole[1])
+            scores_g, scores_w = grouped[2], whole[2]
+        assert (scores_g - scores_w).abs().max().item() < 1e-4
+
+
+# --------------------------------------------------------------------------- #
+# Finished utterances leave the batch; the vectorised CTC prefix score
+# --------------------------------------------------------------------------- #
+def test_finished_utterances_leave_the_batch(random_asr, wavs, monkeypatch):
+    """Rows shrink as utterances finish, and every output equals the uncompacted search."""
+    asr = random_asr[True]
+    searcher = asr.mods.decoder
+    enc = diag.lone_encoder_outputs(asr, wavs)
+    batch, rel = diag.pad_batch([e[0] for e in enc])
+    enc_lens = torch.tensor([e.shape[1] for e in enc])
+    rows = []
+    step = searcher.search_step
+
+    def spy(alived_hyps, inp_tokens, *args):
+        rows.append(inp_tokens.shape[0])
+        return step(alived_hyps, inp_tokens, *args)
+
+    monkeypatch.setattr(searcher, "search_step", spy)
+    with torch.no_grad(), whole_batches(searcher):
+        compacted = searcher(batch, rel, enc_lens=enc_lens)
+        steps_compacted, rows[:] = list(rows), []
+        searcher.compact_finished = False
+        try:
+            full = searcher(batch, rel, enc_lens=enc_lens)
+        finally:
+            del searcher.compact_finished
+    beam = searcher.beam_size
+    assert steps_compacted[0] == len(wavs) * beam and steps_compacted[-1] < len(wavs) * beam
+    assert steps_compacted == sorted(steps_compacted, reverse=True)
+    assert set(rows) == {len(wavs) * beam}  # without compaction every step has every row
+    assert sum(steps_compacted) < sum(rows)
+    assert compacted[0] == full[0]
+    assert torch.equal(compacted[1], full[1])
+    assert (compacted[2] - full[2]).abs().max().item() < 1e-4
+
+
+def test_unknown_scorers_keep_every_utterance_to_the_end(random_asr):
+    from speechbrain.decoders.scorer import BaseScorerInterface
+
+    from sbtemplate.padding_invariant.search import compactable
+
+    searcher = copy.copy(random_asr[True].mods.decoder)
+    assert compactable(searcher)
+    searcher.scorer = copy.copy(searcher.scorer)
+    searcher.scorer.full_scorers = {**searcher.scorer.full_scorers, "mine": BaseScorerInterface()}
+    assert not compactable(searcher)
+
+
+@pytest.mark.parametrize("partial", [True, False])
+def test_vectorized_ctc_prefix_score_equals_the_stock_one(partial):
+    """Same inputs, several steps with the stock permutation between them: bit-identical."""
+    from speechbrain.decoders.ctc import CTCPrefixScore
+
+    from sbtemplate.padding_invariant.ctc_prefix import VectorizedCTCPrefixScore
+
+    g = torch.Generator().manual_seed(5)
+    batch, frames, vocab, beam = 3, 23, 17, 4
+    x = torch.log_softmax(torch.randn(batch, frames, vocab, generator=g), dim=-1)
+    enc_lens = torch.tensor([23, 11, 17])
+    scorers = [cls(x.clone(), enc_lens, 0, 2) for cls in (CTCPrefixScore, VectorizedCTCPrefixScore)]
+    states = [None, None]
+    tokens = torch.full((batch * beam,), 1, dtype=torch.long)
+    for _ in range(6):
+        candidates = None
+        if partial:
+            candidates = torch.stack(
+                [torch.randperm(vocab, generator=g)[:6] for _ in range(batch * beam)]
+            )
+        outs = [s.forward_step(tokens, st, candidates) for s, st in zip(scorers, states)]
+        assert torch.equal(outs[0][0], outs[1][0])
+        for a, b in zip(outs[0][1], outs[1][1]):
+            assert (a is None and b is None) or torch.equal(a, b)
+        # next step: a random choice of (beam, token) per utterance, as the searcher makes
+        width = outs[0][0].shape[-1]
+        pick = torch.stack(
+            [torch.randperm(beam * width, generator=g)[:beam] for _ in range(batch)]
+        )
+        states = [s.permute_mem(o[1], pick) for s, o in zip(scorers, outs)]
+        tokens = (pick % width).view(-1)
+        assert all(torch.equal(a, b) for a, b in zip(states[0], states[1]))

@@ -177,11 +177,19 @@ def batching_comparison(hparams, text_file, dynamic_opts, fixed_batch_size, seed
 
 
 def finetune_yaml_batching(path=ROOT / "finetune.yaml"):
-    """``train_dynamic_batching`` of finetune.yaml (a plain mapping)."""
-    import ruamel.yaml
+    """``train_dynamic_batching`` of finetune.yaml, its tags resolved by HyperPyYAML.
 
-    document = ruamel.yaml.YAML(typ="rt").load(Path(path).read_text())
-    return {k: v for k, v in dict(document["train_dynamic_batching"]).items()}
+    The block alone is loaded (the rest of the file needs the run's values).
+    """
+    import io
+
+    import ruamel.yaml
+    from hyperpyyaml import load_hyperpyyaml
+
+    yaml = ruamel.yaml.YAML(typ="rt")
+    block = io.StringIO()
+    yaml.dump({"block": yaml.load(Path(path).read_text())["train_dynamic_batching"]}, block)
+    return dict(load_hyperpyyaml(block.getvalue())["block"])
 
 
 def run(profile="tiny", batch_size=8, repeats=5, fixed_batch_size=None, threads=None, seed=0):

@@ -58,19 +58,21 @@ def table(out_dir, cpu_reference):
         diff = max(abs(a - b) for a, b in zip(gpu1, cpu))
         lines.append(f"\nWER difference, 1-rank GPU run against the 1-process CPU run: {diff:.4f} points")
 
-    lines.append("\n| decoding (tiny test set) | GPU utt/s | CPU utt/s | GPU/CPU | identical to bs1 (GPU) |")
+    lines.append("\n| decoding (tiny profile) | GPU utt/s | CPU utt/s | GPU/CPU | identical to bs1 (GPU) |")
     lines.append("|---|---|---|---|---|")
     gpu, cpu = _load(out_dir / "decode_gpu.json"), _load(out_dir / "decode_cpu.json")
     if gpu and cpu:
-        for variant in ("padding_invariant", "stock"):
-            for batching in gpu["utterances_per_wall_second"][variant]:
-                g = gpu["utterances_per_wall_second"][variant][batching]
-                c = cpu["utterances_per_wall_second"][variant][batching]
-                same = gpu["identical_to_bs1"][variant][batching]
-                lines.append(f"| {variant} {batching} | {g:.2f} | {c:.2f} | {g / c:.2f} | "
-                             f"{same}/{gpu['utterances']} |")
-        lines.append(f"\nWER (GPU, padding-invariant): {gpu['wer'].get('padding_invariant')}")
-        lines.append(f"WER (CPU, padding-invariant): {cpu['wer'].get('padding_invariant')}")
+        for set_name, g_set in gpu["sets"].items():
+            c_set = cpu["sets"][set_name]
+            for variant in g_set["utterances_per_wall_second"]:
+                for batching, g in g_set["utterances_per_wall_second"][variant].items():
+                    c = c_set["utterances_per_wall_second"][variant][batching]
+                    same = g_set["identical_to_bs1"][variant][batching]
+                    lines.append(f"| {set_name}: {variant} {batching} | {g:.2f} | {c:.2f} | "
+                                 f"{g / c:.2f} | {same}/{g_set['utterances']} |")
+        test_g, test_c = gpu["sets"]["test"], cpu["sets"]["test"]
+        lines.append(f"\nWER (GPU, padding-invariant): {test_g['wer'].get('padding_invariant')}")
+        lines.append(f"WER (CPU, padding-invariant): {test_c['wer'].get('padding_invariant')}")
     else:
         lines.append("| missing | | | | |")
     steps = out_dir / "steps.txt"

@@ -48,6 +48,12 @@ from .lengths import (
     frames_mask,
     relative_lengths,
 )
+from .sub_batches import (
+    DEFAULT_MAX_LENGTH_RATIO,
+    length_groups,
+    scatter_padded,
+    scatter_rows,
+)
 
 # Layers that act on each frame on its own (in eval mode): no length rule needed.
 FRAMEWISE_LAYERS = (
@@ -519,7 +525,15 @@ class PaddingInvariantEncoder(LengthsCapableSequential):
     ``InputNormalization``, any layer with ``forward_with_lengths`` (e.g.
     :class:`PaddingInvariantCRDNN`) and the layers :func:`run_with_lengths`
     knows.
+
+    ``forward`` encodes a batch of mixed lengths in groups of similar length
+    (:mod:`sbtemplate.padding_invariant.sub_batches`): the
+    ``max_length_ratio`` attribute bounds a group's longest/shortest ratio;
+    ``None`` encodes the batch whole. The output is the same either way.
     """
+
+    #: Longest/shortest length ratio within one encoded group (None: no groups).
+    max_length_ratio = DEFAULT_MAX_LENGTH_RATIO
 
     def forward_with_lengths(self, wavs, n_samples):
         """Encode waveforms with exact sample counts; returns (out, lengths)."""
@@ -563,5 +577,18 @@ class PaddingInvariantEncoder(LengthsCapableSequential):
             n = torch.full((x.shape[0],), x.shape[1], dtype=torch.long)
         else:
             n = exact_lengths(lengths, x.shape[1])
-        out, out_lengths = self.forward_with_lengths(x, n)
-        return attach_frame_lengths(out, out_lengths)
+        groups = length_groups(n, self.max_length_ratio)
+        if len(groups) <= 1:
+            out, out_lengths = self.forward_with_lengths(x, n)
+            return attach_frame_lengths(out, out_lengths)
+        # Each group padded only to its own longest member (sub_batches module).
+        outs, out_lengths = [], []
+        for rows in groups:
+            index = torch.as_tensor(rows, device=x.device)
+            width = int(n[rows[0]])
+            out, lens = self.forward_with_lengths(x[index, :width], n[rows])
+            outs.append(out)
+            out_lengths.append(lens)
+        out = scatter_padded(outs, groups, x.shape[0])
+        lens = scatter_rows(out_lengths, groups, x.shape[0])
+        return attach_frame_lengths(out, lens)

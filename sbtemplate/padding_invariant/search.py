@@ -24,11 +24,26 @@ hyperparameters and checkpoints stay the same.
 import warnings
 
 import torch
+from speechbrain.decoders.scorer import (
+    CoverageScorer,
+    CTCScorer,
+    LengthScorer,
+    RNNLMScorer,
+    TransformerLMScorer,
+)
 from speechbrain.decoders.seq2seq import S2SRNNBeamSearcher, S2SRNNGreedySearcher
+from speechbrain.nnet.attention import ContentBasedAttention, LocationAwareAttention
 from speechbrain.utils.data_utils import undo_padding
 from torch.distributions import Categorical
 
+from .ctc_prefix import vectorize_ctc_scorers
 from .lengths import frame_lengths_of, relative_lengths
+from .sub_batches import (
+    DEFAULT_MAX_LENGTH_RATIO,
+    length_groups,
+    scatter_padded,
+    scatter_rows,
+)
 
 
 def resolve_encoder_lengths(enc_states, wav_len, enc_lens=None):
@@ -82,6 +97,68 @@ def per_utterance_steps(searcher, enc_lens):
     return mins, maxs
 
 
+class _BeamState:
+    """The search state of ``S2SBeamSearcher.init_beam_search_data``, by name."""
+
+    def __init__(self, alived_hyps, inp_tokens, log_probs, eos_hyps, memory,
+                 scorer_memory, attn, prev_attn_peak, enc_states, enc_lens):
+        self.alived_hyps = alived_hyps
+        self.inp_tokens = inp_tokens
+        self.log_probs = log_probs
+        self.eos_hyps = eos_hyps
+        self.memory = memory
+        self.scorer_memory = scorer_memory
+        self.attn = attn
+        self.prev_attn_peak = prev_attn_peak
+        self.enc_states = enc_states
+        self.enc_lens = enc_lens
+        self.scores = None
+
+
+#: Scorers whose memory :func:`_compact_scorer_memory` knows how to select.
+_ROW_SCORERS = (RNNLMScorer, TransformerLMScorer)
+_COMPACTABLE_SCORERS = _ROW_SCORERS + (CoverageScorer, CTCScorer, LengthScorer)
+_COMPACTABLE_ATTENTION = (LocationAwareAttention, ContentBasedAttention)
+
+
+def compactable(searcher):
+    """Whether finished utterances can leave this searcher's batch.
+
+    True for SpeechBrain's attentional RNN decoder with location-aware or
+    content-based attention and the RNNLM, TransformerLM, coverage, CTC and
+    length scorers; anything else keeps every utterance to the end (correct,
+    only slower).
+    """
+    attention = getattr(getattr(searcher, "dec", None), "attn", None)
+    if not isinstance(attention, _COMPACTABLE_ATTENTION):
+        return False
+    scorer = getattr(searcher, "scorer", None)
+    if scorer is None:
+        return True
+    scorers = list(scorer.full_scorers.values()) + list(scorer.partial_scorers.values())
+    return all(isinstance(s, _COMPACTABLE_SCORERS) for s in scorers)
+
+
+def _compact_scorer_memory(scorer, memory, rows, keep, frames):
+    """One scorer's memory restricted to ``rows`` (and ``frames`` encoder frames)."""
+    if memory is None:
+        return None
+    if isinstance(scorer, _ROW_SCORERS):
+        return scorer.permute_mem(memory, rows)
+    if isinstance(scorer, CoverageScorer):
+        return memory[rows, :frames]
+    if isinstance(scorer, CTCScorer):
+        ctc = scorer.ctc_score
+        ctc.x = ctc.x[:, :frames].index_select(2, keep).contiguous()
+        ctc.max_enc_len = frames
+        ctc.batch_size = len(keep)
+        ctc.batch_index = torch.arange(len(keep), device=keep.device)
+        ctc.last_frame_index = ctc.last_frame_index[keep]
+        r, psi = memory
+        return r[:frames].index_select(2, rows).contiguous(), psi[rows]
+    raise TypeError(f"no compaction rule for {type(scorer).__name__}")
+
+
 class PaddingInvariantBeamSearchMixin:
     """Per-utterance step limits and closing for any ``S2SBeamSearcher``.
 
@@ -89,8 +166,18 @@ class PaddingInvariantBeamSearchMixin:
     ``class X(PaddingInvariantBeamSearchMixin, S2SRNNBeamSearcher)``.
     """
 
-    def forward(self, enc_states, wav_len, enc_lens=None):  # noqa: C901
+    #: Longest/shortest length ratio within one searched group (None: no groups).
+    max_length_ratio = DEFAULT_MAX_LENGTH_RATIO
+    #: Let utterances whose beams are all closed leave the batch (see :meth:`_search`).
+    compact_finished = True
+
+    def forward(self, enc_states, wav_len, enc_lens=None):
         """Beam search; same returns as ``S2SBeamSearcher.forward``.
+
+        A batch of mixed lengths is searched in groups of similar length
+        (:mod:`sbtemplate.padding_invariant.sub_batches`; the
+        ``max_length_ratio`` attribute, ``None`` searches the batch whole):
+        each utterance's hypotheses are those of a batch of one either way.
 
         Arguments
         ---------
@@ -102,72 +189,12 @@ class PaddingInvariantBeamSearchMixin:
             Exact integer encoder lengths.
         """
         lengths = resolve_encoder_lengths(enc_states, wav_len, enc_lens)
-        T = int(lengths.max().item())
-        enc_states = enc_states[:, :T]
-        # The stock initialisation computes round(T * rel): exact for own/T.
-        rel = relative_lengths(lengths, T)
-        (
-            alived_hyps,
-            inp_tokens,
-            log_probs,
-            eos_hyps_and_log_probs_scores,
-            memory,
-            scorer_memory,
-            attn,
-            prev_attn_peak,
-            enc_states,
-            enc_lens_bh,
-        ) = self.init_beam_search_data(enc_states, rel)
-
-        mins, maxs = per_utterance_steps(self, lengths)
-        self.min_decode_steps, self.max_decode_steps = mins, maxs
-        self._min_steps_rows = torch.tensor(
-            mins, device=self.device
-        ).repeat_interleave(self.beam_size)
-        closing = {}
-        for b, last in enumerate(maxs):
-            closing.setdefault(last - 1, []).append(b)
-
-        scores = None
-        for step in range(max(maxs)):
-            if self._check_full_beams(eos_hyps_and_log_probs_scores):
-                break
-            (
-                alived_hyps,
-                inp_tokens,
-                log_probs,
-                eos_hyps_and_log_probs_scores,
-                memory,
-                scorer_memory,
-                attn,
-                prev_attn_peak,
-                scores,
-            ) = self.search_step(
-                alived_hyps,
-                inp_tokens,
-                log_probs,
-                eos_hyps_and_log_probs_scores,
-                memory,
-                scorer_memory,
-                attn,
-                prev_attn_peak,
-                enc_states,
-                enc_lens_bh,
-                step,
-            )
-            if step in closing:
-                self._close_utterances(
-                    closing[step], alived_hyps, eos_hyps_and_log_probs_scores, scores
-                )
-            if self._check_end_condition(alived_hyps):
-                break
-
-        finals = self._fill_alived_hyps_with_eos_token(
-            alived_hyps, eos_hyps_and_log_probs_scores, scores
-        )
-        topk_hyps, topk_lengths, topk_scores, topk_log_probs = (
-            self._get_topk_prediction(finals)
-        )
+        groups = length_groups(lengths, self.max_length_ratio)
+        if len(groups) <= 1:
+            topk = self._search(enc_states, lengths)
+        else:
+            topk = self._search_groups(enc_states, lengths, groups)
+        topk_hyps, topk_lengths, topk_scores, topk_log_probs = topk
         if self.return_topk:
             return topk_hyps, topk_lengths, topk_scores, topk_log_probs
         best_hyps = topk_hyps[:, 0, :]
@@ -176,6 +203,164 @@ class PaddingInvariantBeamSearchMixin:
         best_log_probs = topk_log_probs[:, 0, :]
         hyps = undo_padding(best_hyps, best_lens)
         return hyps, best_lens, best_scores, best_log_probs
+
+    def _search_groups(self, enc_states, lengths, groups):
+        """:meth:`_search` on each group, results put back in batch order.
+
+        Hypothesis lengths are SpeechBrain relative lengths of the hypotheses'
+        padded width, so they are rescaled to the width of the whole batch.
+        """
+        parts = []
+        for rows in groups:
+            index = torch.as_tensor(rows, device=enc_states.device)
+            width = int(lengths[rows[0]])
+            parts.append(self._search(enc_states[index, :width], lengths[index]))
+        hyps, rel_lens, scores, log_probs = zip(*parts)
+        width = max(h.shape[-1] for h in hyps)
+        own_lens = [torch.round(r * h.shape[-1]) / width for r, h in zip(rel_lens, hyps)]
+        batch = enc_states.shape[0]
+        return (
+            scatter_padded([h.transpose(1, 2) for h in hyps], groups, batch).transpose(1, 2),
+            scatter_rows(own_lens, groups, batch),
+            scatter_rows(scores, groups, batch),
+            scatter_padded([p.transpose(1, 2) for p in log_probs], groups, batch).transpose(1, 2),
+        )
+
+    def _search(self, enc_states, lengths):
+        """Beam search of one batch with exact lengths: the top-k tensors.
+
+        With ``compact_finished`` (and a decoder and scorers it knows, see
+        :func:`compactable`), an utterance whose beams are all closed leaves the
+        batch at the end of that step: nothing that happens to the batch after
+        that can change its hypotheses, so it stops costing steps.
+        """
+        T = int(lengths.max().item())
+        enc_states = enc_states[:, :T]
+        # The stock initialisation computes round(T * rel): exact for own/T.
+        rel = relative_lengths(lengths, T)
+        state = _BeamState(*self.init_beam_search_data(enc_states, rel))
+        batch = self.batch_size
+
+        mins, maxs = per_utterance_steps(self, lengths)
+        self.min_decode_steps, self.max_decode_steps = mins, maxs
+        self._min_steps_rows = torch.tensor(mins, device=self.device).repeat_interleave(
+            self.beam_size
+        )
+        closing = {}
+        for b, last in enumerate(maxs):
+            closing.setdefault(last - 1, []).append(b)
+        compact = self.compact_finished and compactable(self)
+        active = list(range(batch))  # batch index of each row block still searched
+        own_lengths = [int(n) for n in lengths.tolist()]
+        finished = {}
+
+        for step in range(max(maxs)):
+            if self._check_full_beams(state.eos_hyps):
+                break
+            (
+                state.alived_hyps,
+                state.inp_tokens,
+                state.log_probs,
+                state.eos_hyps,
+                state.memory,
+                state.scorer_memory,
+                state.attn,
+                state.prev_attn_peak,
+                state.scores,
+            ) = self.search_step(
+                state.alived_hyps,
+                state.inp_tokens,
+                state.log_probs,
+                state.eos_hyps,
+                state.memory,
+                state.scorer_memory,
+                state.attn,
+                state.prev_attn_peak,
+                state.enc_states,
+                state.enc_lens,
+                step,
+            )
+            if step in closing:
+                position = {b: k for k, b in enumerate(active)}
+                self._close_utterances(
+                    [position[b] for b in closing[step] if b in position],
+                    state.alived_hyps,
+                    state.eos_hyps,
+                    state.scores,
+                )
+            if self._check_end_condition(state.alived_hyps):
+                break
+            if compact:
+                done = [k for k, e in enumerate(state.eos_hyps) if len(e) == self.beam_size]
+                if done and len(done) < len(active):
+                    for k in done:
+                        finished[active[k]] = state.eos_hyps[k]
+                    keep = [k for k in range(len(active)) if k not in set(done)]
+                    active = [active[k] for k in keep]
+                    self._compact(state, keep, max(own_lengths[b] for b in active))
+
+        finals = self._fill_alived_hyps_with_eos_token(
+            state.alived_hyps, state.eos_hyps, state.scores
+        )
+        for k, b in enumerate(active):
+            finished[b] = finals[k]
+        self.batch_size, self.n_bh = batch, batch * self.beam_size
+        self.beam_offset = torch.arange(batch, device=self.device) * self.beam_size
+        return self._get_topk_prediction([finished[b] for b in range(batch)])
+
+    def _compact(self, state, keep, frames):
+        """Keep only the row blocks of the utterances at positions ``keep``.
+
+        Every piece of search state indexed by batch or beam row is selected,
+        and everything over encoder frames is cut to ``frames`` (the longest
+        remaining utterance; the frames cut are padding for every one left).
+        """
+        beam = self.beam_size
+        old_rows = self.n_bh
+        device = state.enc_states.device
+        keep_t = torch.tensor(keep, device=device)
+        rows = (keep_t.unsqueeze(1) * beam + torch.arange(beam, device=device)).view(-1)
+
+        hyps = state.alived_hyps
+        hyps.alived_seq = hyps.alived_seq[rows]
+        hyps.alived_log_probs = hyps.alived_log_probs[rows]
+        hyps.sequence_scores = hyps.sequence_scores[rows]
+        state.eos_hyps = [state.eos_hyps[k] for k in keep]
+        state.inp_tokens = state.inp_tokens[rows]
+        state.log_probs = state.log_probs[rows]
+        state.scores = state.scores[rows]
+        state.prev_attn_peak = state.prev_attn_peak[rows]
+        state.attn = state.attn[rows, :frames] if state.attn.dim() == 2 else state.attn[rows]
+        state.enc_states = state.enc_states[rows, :frames]
+        state.enc_lens = state.enc_lens[rows]
+        self._min_steps_rows = self._min_steps_rows[rows]
+
+        state.memory = self.permute_mem(state.memory, rows)
+        attention = self.dec.attn
+        for name in ("precomputed_enc_h", "mask", "prev_attn"):
+            value = getattr(attention, name, None)
+            if value is None:
+                continue
+            if value.shape[0] == old_rows:  # not already selected by permute_mem
+                value = value[rows]
+            setattr(attention, name, value[:, :frames])
+
+        if state.scorer_memory is not None:
+            scorers = {**self.scorer.full_scorers, **self.scorer.partial_scorers}
+            for name, memory in state.scorer_memory.items():
+                state.scorer_memory[name] = _compact_scorer_memory(
+                    scorers[name], memory, rows, keep_t, frames
+                )
+
+        self.batch_size = len(keep)
+        self.n_bh = len(keep) * beam
+        self.beam_offset = torch.arange(len(keep), device=device) * beam
+
+    def _update_reset_memory(self, enc_states, enc_lens):
+        """The stock reset, then the vectorised CTC prefix score (same values, faster)."""
+        memory, scorer_memory = super()._update_reset_memory(enc_states, enc_lens)
+        vectorize_ctc_scorers(self.scorer)
+        return memory, scorer_memory
 
     def _close_utterances(self, utterances, alived_hyps, eos_hyps, scores):
         """Fill the given utterances' beams with eos, as at the end of their own loop."""
