@@ -9,6 +9,9 @@ component here closes one.
 * :mod:`.search`: :class:`PaddingInvariantS2SRNNBeamSearcher`,
   :class:`PaddingInvariantS2SRNNGreedySearcher`.
 * :mod:`.selection`: the ``padding_invariant`` YAML switch.
+* :mod:`.sub_batches`: length groups inside one call (batching no longer
+  changes a hypothesis, so a call may reorganise its work).
+* :mod:`.ctc_prefix`: SpeechBrain's CTC prefix score without its per-row loops.
 """
 
 from .encoder import PaddingInvariantCRDNN, PaddingInvariantEncoder
