@@ -114,6 +114,18 @@ class _BeamState:
         self.enc_lens = enc_lens
         self.scores = None
 
+    #: What ``search_step`` takes before the encoder states, and returns (then ``scores``).
+    STEPPED = ("alived_hyps", "inp_tokens", "log_probs", "eos_hyps", "memory",
+               "scorer_memory", "attn", "prev_attn_peak")
+
+    def step(self, searcher, step):
+        """One stock ``search_step`` on this state."""
+        outputs = searcher.search_step(
+            *(getattr(self, name) for name in self.STEPPED), self.enc_states, self.enc_lens, step
+        )
+        for name, value in zip(self.STEPPED + ("scores",), outputs):
+            setattr(self, name, value)
+
 
 #: Scorers whose memory :func:`_compact_scorer_memory` knows how to select.
 _ROW_SCORERS = (RNNLMScorer, TransformerLMScorer)
@@ -257,29 +269,7 @@ class PaddingInvariantBeamSearchMixin:
         for step in range(max(maxs)):
             if self._check_full_beams(state.eos_hyps):
                 break
-            (
-                state.alived_hyps,
-                state.inp_tokens,
-                state.log_probs,
-                state.eos_hyps,
-                state.memory,
-                state.scorer_memory,
-                state.attn,
-                state.prev_attn_peak,
-                state.scores,
-            ) = self.search_step(
-                state.alived_hyps,
-                state.inp_tokens,
-                state.log_probs,
-                state.eos_hyps,
-                state.memory,
-                state.scorer_memory,
-                state.attn,
-                state.prev_attn_peak,
-                state.enc_states,
-                state.enc_lens,
-                step,
-            )
+            state.step(self, step)
             if step in closing:
                 position = {b: k for k, b in enumerate(active)}
                 self._close_utterances(
