@@ -320,7 +320,7 @@ class PaddingInvariantBeamSearchMixin:
         state.log_probs = state.log_probs[rows]
         state.scores = state.scores[rows]
         state.prev_attn_peak = state.prev_attn_peak[rows]
-        state.attn = state.attn[rows, :frames] if state.attn.dim() == 2 else state.attn[rows]
+        state.attn = state.attn[rows, :frames]  # [rows, frames] for the attentions compactable() accepts
         state.enc_states = state.enc_states[rows, :frames]
         state.enc_lens = state.enc_lens[rows]
         self._min_steps_rows = self._min_steps_rows[rows]
