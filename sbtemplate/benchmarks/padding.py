@@ -85,9 +85,14 @@ def load_recognizer(model_dir, savedir, padding_invariant, beam_size=None, whole
     )
     normalizer_statistics_to(asr.mods, asr.device)
     if whole:
-        asr.mods.encoder.max_length_ratio = None
-        asr.mods.decoder.max_length_ratio = None
+        decode_whole_batches(asr)
     return asr
+
+
+def decode_whole_batches(asr):
+    """Make the padding-invariant encoder and searcher take each batch whole (no length groups)."""
+    asr.mods.encoder.max_length_ratio = None
+    asr.mods.decoder.max_length_ratio = None
 
 
 def data_root(paths):
@@ -199,9 +204,10 @@ def _spread(values):
 
 def measure_set(asrs, wavs, refs, durations, repeats, warm_up_utterances=16, score=True):
     """Decode one set with every recognizer and batching; the set's figures."""
-    plan = batchings(durations, 8 * sum(durations) / len(durations))
+    dynamic_max_seconds = 8 * sum(durations) / len(durations)
+    plan = batchings(durations, dynamic_max_seconds)
     warm = list(range(min(warm_up_utterances, len(wavs))))
-    warm_plan = batchings([durations[i] for i in warm], 8 * sum(durations) / len(durations))
+    warm_plan = batchings([durations[i] for i in warm], dynamic_max_seconds)
     for asr in asrs.values():
         for batches in warm_plan.values():
             decode(asr, [wavs[i] for i in warm], batches)
@@ -376,8 +382,7 @@ def run(
                 if name in asrs:
                     if name == "padding_invariant":
                         # the per-stage figures are of the whole-batch arithmetic
-                        asrs[name].mods.decoder.max_length_ratio = None
-                        asrs[name].mods.encoder.max_length_ratio = None
+                        decode_whole_batches(asrs[name])
                     stage_figures[name] = diagnostics.stage_report(asrs[name], subset)
         del asrs
     finally:

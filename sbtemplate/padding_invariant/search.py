@@ -100,23 +100,15 @@ def per_utterance_steps(searcher, enc_lens):
 class _BeamState:
     """The search state of ``S2SBeamSearcher.init_beam_search_data``, by name."""
 
-    def __init__(self, alived_hyps, inp_tokens, log_probs, eos_hyps, memory,
-                 scorer_memory, attn, prev_attn_peak, enc_states, enc_lens):
-        self.alived_hyps = alived_hyps
-        self.inp_tokens = inp_tokens
-        self.log_probs = log_probs
-        self.eos_hyps = eos_hyps
-        self.memory = memory
-        self.scorer_memory = scorer_memory
-        self.attn = attn
-        self.prev_attn_peak = prev_attn_peak
-        self.enc_states = enc_states
-        self.enc_lens = enc_lens
-        self.scores = None
-
     #: What ``search_step`` takes before the encoder states, and returns (then ``scores``).
     STEPPED = ("alived_hyps", "inp_tokens", "log_probs", "eos_hyps", "memory",
                "scorer_memory", "attn", "prev_attn_peak")
+
+    def __init__(self, *initial):
+        """``initial``: what ``init_beam_search_data`` returns, in its order."""
+        for name, value in zip(self.STEPPED + ("enc_states", "enc_lens"), initial, strict=True):
+            setattr(self, name, value)
+        self.scores = None
 
     def step(self, searcher, step):
         """One stock ``search_step`` on this state."""
