@@ -15,9 +15,11 @@ fetch from these servers:
 * :class:`UrlServer` is a plain file server: ``GET``/``HEAD
   /{prefix}/{path}`` with ``Content-Length`` and ``Range``.
 
-Both bind a free port on 127.0.0.1, log every request, and can inject faults
-(a cut-off transfer, a consistently short file, corrupted bytes) so the tests
-can show that the fetch layer never keeps a bad download.
+Both bind a free port on 127.0.0.1 and log every request. What a file
+request serves goes through two handler hooks, :meth:`_BaseHandler.file_bytes`
+and :meth:`_BaseHandler.send_file_response` (no-ops here): the tests override
+them to serve a file badly and show that the fetch layer never keeps a bad
+download.
 
 This module uses the standard library only and never imports
 huggingface_hub: start the servers first, then point the Hub client at them
@@ -45,7 +47,6 @@ from sbtemplate.manifest import MANIFEST_NAME, sha256_file
 
 LOOPBACK = "127.0.0.1"
 DEFAULT_REVISION = "main"
-FAULT_MODES = ("truncate", "short", "corrupt")
 
 
 def unused_loopback_port():
@@ -114,12 +115,6 @@ class PublishedFolder:
 
 
 @dataclass
-class Fault:
-    mode: str
-    times: int = 1
-
-
-@dataclass
 class Request:
     method: str
     path: str
@@ -171,14 +166,9 @@ class _BaseHandler(BaseHTTPRequestHandler):
         self._send(status, headers, body)
 
     def _send_file(self, path, key, headers):
-        """Serve a file (GET/HEAD), honouring Range and any pending fault for ``key``."""
-        data = path.read_bytes()
-        fault = self.owner._take_fault(key, consume=self.command == "GET")
-        if fault == "short":
-            data = data[: max(1, len(data) // 2)]
-        elif fault == "corrupt" and data:
-            middle = len(data) // 2
-            data = data[:middle] + bytes([data[middle] ^ 0xFF]) + data[middle + 1 :]
+        """Serve a file (GET/HEAD), honouring Range; ``key`` names the file
+        for the hooks (``repo_id/filename`` or ``prefix/filename``)."""
+        data = self.file_bytes(key, path.read_bytes())
         total = len(data)
         headers = dict(headers)
         headers.setdefault("Content-Type", "application/octet-stream")
@@ -194,20 +184,16 @@ class _BaseHandler(BaseHTTPRequestHandler):
             status = 206
             headers["Content-Range"] = f"bytes {start}-{end}/{total}"
         body = data[start : end + 1]
-        if fault == "truncate" and self.command == "GET":
-            # Announce the full length, send part of it, hang up.
-            cut = body[: len(body) // 2]
-            self.owner._log(self.command, self.path, status, len(cut), wanted)
-            self.send_response(status)
-            headers["Content-Length"] = str(len(body))
-            headers["Connection"] = "close"
-            for k, v in headers.items():
-                self.send_header(k, v)
-            self.end_headers()
-            self.wfile.write(cut)
-            self.wfile.flush()
-            self.close_connection = True
-            return
+        self.send_file_response(status, headers, body)
+
+    # -- hooks: a subclass may serve files differently ----------------------
+    def file_bytes(self, key, data):
+        """The bytes served as file ``key`` for this request, before any Range
+        is applied; ``data`` is the published content, served as is here."""
+        return data
+
+    def send_file_response(self, status, headers, body):
+        """Send a file's response (200, or 206 for a Range): all of ``body`` here."""
         self._send(status, headers, body)
 
     def do_HEAD(self):
@@ -252,7 +238,6 @@ class _LoopbackServer:
         self._thread = None
         self._lock = threading.Lock()
         self.requests = []
-        self._faults = {}
 
     # -- lifecycle ---------------------------------------------------------
     def start(self):
@@ -308,29 +293,6 @@ class _LoopbackServer:
                 for r in self.requests
                 if r.method == "GET" and urlsplit(r.path).path.endswith(suffix)
             ]
-
-    def inject(self, name, mode, times=1):
-        """Serve file ``name`` badly for the next ``times`` downloads.
-
-        ``truncate``: announce the full length, send half, hang up.
-        ``short``: serve (and announce) only the first half, consistently.
-        ``corrupt``: same length, one byte flipped.
-        """
-        if mode not in FAULT_MODES:
-            raise ValueError(f"Unknown fault {mode!r}: choose one of {FAULT_MODES}")
-        with self._lock:
-            self._faults[name] = Fault(mode, times)
-
-    def _take_fault(self, key, consume):
-        with self._lock:
-            fault = self._faults.get(key)
-            if fault is None:
-                return None
-            if consume:
-                fault.times -= 1
-                if fault.times <= 0:
-                    del self._faults[key]
-            return fault.mode
 
 
 # ---------------------------------------------------------------------------
@@ -508,17 +470,6 @@ class HubServer(_LoopbackServer):
     def commit(self, repo_id):
         return self.repos[repo_id].commit()
 
-    def inject(self, name, mode, times=1, repo_id=None):
-        """See :meth:`_LoopbackServer.inject`; ``name`` is ``repo_id/filename``
-        or a bare file name when only one repo is published."""
-        if "/" not in name:
-            if repo_id is None:
-                if len(self.repos) != 1:
-                    raise ValueError("Several repos published: pass repo_id")
-                repo_id = next(iter(self.repos))
-            name = f"{repo_id}/{name}"
-        super().inject(name, mode, times)
-
 
 # ---------------------------------------------------------------------------
 # URL server
@@ -560,15 +511,6 @@ class UrlServer(_LoopbackServer):
     def base_url(self, prefix):
         return f"{self.url}/{quote(prefix.strip('/'))}"
 
-    def inject(self, name, mode, times=1, prefix=None):
-        if prefix is None and "/" not in name:
-            if len(self.folders) != 1:
-                raise ValueError("Several folders published: pass prefix")
-            prefix = next(iter(self.folders))
-        if prefix is not None:
-            name = f"{prefix}/{name}"
-        super().inject(name, mode, times)
-
 
 # ---------------------------------------------------------------------------
 # Both at once
@@ -600,15 +542,17 @@ class Served:
 
 
 @contextmanager
-def serve(folder, repo_id):
+def serve(folder, repo_id, hub_server=HubServer, url_server=UrlServer):
     """Publish ``folder`` as Hub repo ``repo_id`` and as URLs under ``/{repo_id}/``.
 
-    Yields a :class:`Served`; both servers stop on exit.
+    Yields a :class:`Served`; both servers stop on exit. ``hub_server`` and
+    ``url_server`` are the classes run (subclasses of :class:`HubServer` and
+    :class:`UrlServer`).
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"Nothing to publish: {folder} is not a folder")
-    with HubServer({repo_id: folder}) as hub, UrlServer({repo_id: folder}) as urls:
+    with hub_server({repo_id: folder}) as hub, url_server({repo_id: folder}) as urls:
         yield Served(repo_id, folder, hub, urls)
 
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sbtemplate import fetching, servers
+import faulty_servers
+from sbtemplate import fetching
 from sbtemplate.manifest import write_manifest
 from sbtemplate.paths import REPO_ID
 
@@ -43,7 +44,7 @@ def make_fake_repo(folder):
 def fetch_environment(tmp_path, folder, repo_id=REPO_ID):
     """Serve ``folder`` and configure fetching against the servers, with a
     fresh cache under ``tmp_path``; everything is restored afterwards."""
-    with servers.serve(folder, repo_id) as served:
+    with faulty_servers.serve(folder, repo_id) as served:
         with fetching.hub_endpoint(served.hub_endpoint):
             with fetching.policy(
                 cache_dir=str(tmp_path / "fetch-cache"),
