@@ -28,8 +28,16 @@ from sbtemplate.padding_invariant import (
     PaddingInvariantS2SRNNBeamSearcher,
     exact_lengths,
 )
-from sbtemplate.padding_invariant import diagnostics as diag
-from sbtemplate.padding_invariant.decoding import (
+from sbtemplate.padding_invariant.encoder import (
+    conv2d_own_padding,
+    normalizer_statistics_to,
+    pooled_lengths,
+    rnn_own_lengths,
+)
+from sbtemplate.padding_invariant.selection import rnn_greedy_searcher
+from sbtemplate.padding_invariant.sub_batches import length_groups
+from sbtemplate.benchmarks import diagnostics as diag
+from sbtemplate.benchmarks.decoding import (
     by_length,
     compare,
     decode,
@@ -37,16 +45,8 @@ from sbtemplate.padding_invariant.decoding import (
     fixed_size_batches,
     wer,
 )
-from sbtemplate.padding_invariant.encoder import (
-    conv2d_own_padding,
-    normalizer_statistics_to,
-    pooled_lengths,
-    rnn_own_lengths,
-)
-from sbtemplate.padding_invariant.random_model import write_random_recognizer
-from sbtemplate.padding_invariant.selection import rnn_greedy_searcher
-from sbtemplate.padding_invariant.sub_batches import length_groups
 from sbtemplate.benchmarks.padding import data_root
+from sbtemplate.benchmarks.random_model import write_random_recognizer
 from sbtemplate.paths import ProfilePaths
 
 SAMPLE_RATE = 16000

@@ -18,7 +18,7 @@ warm-up utterance (a barrier) and ends when rank 0 holds the gathered
 summary; process start-up and model loading are reported separately.
 
 Without ``--model-dir`` a random-weight recognizer is written
-(``sbtemplate.padding_invariant.random_model``) and decoded on noise: its
+(``sbtemplate.benchmarks.random_model``) and decoded on noise: its
 decoder seldom emits ``eos``, so every hypothesis runs to the step limit and
 the times are an upper bound for a trained model. With ``--manifest`` (a JSON
 descriptor: ``{id: {"wav": "{data_root}/...", "length": s, "words": ...}}``)
@@ -205,7 +205,7 @@ def run(ranks=(1, 2), repeats=1, n_utterances=16, min_s=1.0, max_s=3.0, batch_si
     work = Path(work_dir or tempfile.mkdtemp(prefix="ddp_eval_bench_"))
     random_model = model_dir is None
     if random_model:
-        from sbtemplate.padding_invariant.random_model import write_random_recognizer
+        from sbtemplate.benchmarks.random_model import write_random_recognizer
 
         model_dir = write_random_recognizer(work / "random_model", seed=0)
     if manifest is None:

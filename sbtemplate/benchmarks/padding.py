@@ -43,8 +43,8 @@ from pathlib import Path
 
 import torch
 
-from sbtemplate.padding_invariant import diagnostics
-from sbtemplate.padding_invariant.decoding import (
+from sbtemplate.benchmarks import diagnostics
+from sbtemplate.benchmarks.decoding import (
     by_length,
     compare,
     decode,
@@ -339,7 +339,7 @@ def run(
     if (model_dir / "hyperparams.yaml").is_file():
         ids, wavs, refs, durations = load_test_set(paths, max_utterances)
     elif allow_random:
-        from sbtemplate.padding_invariant.random_model import write_random_recognizer
+        from sbtemplate.benchmarks.random_model import write_random_recognizer
 
         kind = "random-initialised"
         model_dir = write_random_recognizer(Path(tmp.name) / "random_model")

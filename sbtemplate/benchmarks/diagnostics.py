@@ -13,9 +13,16 @@ holds ``compute_features``, ``normalize`` and ``model`` (the CRDNN) and
 
 import torch
 
-from .encoder import PaddingInvariantCRDNN, rnn_own_lengths, run_with_lengths
-from .lengths import frame_lengths_of, relative_lengths
-from .search import PaddingInvariantBeamSearchMixin, PaddingInvariantS2SRNNGreedySearcher
+from sbtemplate.padding_invariant.encoder import (
+    PaddingInvariantCRDNN,
+    rnn_own_lengths,
+    run_with_lengths,
+)
+from sbtemplate.padding_invariant.lengths import frame_lengths_of, relative_lengths
+from sbtemplate.padding_invariant.search import (
+    PaddingInvariantBeamSearchMixin,
+    PaddingInvariantS2SRNNGreedySearcher,
+)
 
 
 def pad_batch(seqs):
