@@ -9,7 +9,8 @@ fine-tuned LM in its beam search, through the Brain's evaluate() and through
 the pretrained interface, each DDP-valid.
 
     torchrun --nproc_per_node=2 finetune.py finetune.yaml            # 2 ranks
-    python finetune.py finetune.yaml --profile=tiny                   # 1 process
+    python finetune.py finetune.yaml \
+        --build_profile='!include:sbtemplate/hparams/profiles/tiny.yaml'  # 1 process, tiny
 
 On CPUs the backend is gloo, on GPUs NCCL (``--distributed_backend`` and
 ``--device`` override). Multi-node and SLURM launches: docs/launching.md.
@@ -46,16 +47,14 @@ def run(hparams_file, run_opts, overrides):
     timings, started = {}, time.time()
     # The file's syntax and the overrides' types, named clearly, before anything.
     check_override_types(hparams_file, overrides)
-    # Profile model sizes first; command-line overrides win.
-    profile = str(fetching.read_plain_keys(hparams_file, ["profile"], overrides)["profile"])
-    overrides = {**lf.profile_overrides(profile), **overrides}
-    artifacts = fetching.read_plain_keys(hparams_file, ["artifacts"], overrides)["artifacts"]
+    keys = fetching.read_plain_keys(hparams_file, ["profile", "artifacts", "collective_timeout_s"],
+                                    overrides)
+    profile, artifacts = str(keys["profile"]), keys["artifacts"]
     paths = ProfilePaths.for_profile(profile, root=None if artifacts == "artifacts" else artifacts)
 
     # 1. Process group first (one timeout on every collective), so that every
     #    rank fetches through rank 0's endpoints.
-    timeout = fetching.read_plain_keys(hparams_file, ["collective_timeout_s"], overrides)
-    lf.init_distributed(run_opts, timeout["collective_timeout_s"])
+    lf.init_distributed(run_opts, keys["collective_timeout_s"])
     rank, world = rank_and_world_size()
     cache = paths.root / "fetch-cache"
 
@@ -261,9 +260,6 @@ def main(argv=None):
     from sbtemplate import lm_finetuning as lf
 
     argv = sys.argv[1:] if argv is None else list(argv)
-    # SpeechBrain's parser takes "--profile" for an abbreviation of its
-    # --profile_* options: take the YAML key out first.
-    profile = lf.pop_option(argv, "--profile")
     # The original template's launch line, python -m torch.distributed.launch
     # [--distributed_launch]: the launcher passes --local-rank=N and sets the
     # same LOCAL_RANK/RANK variables as torchrun, which SpeechBrain reads.
@@ -279,9 +275,8 @@ def main(argv=None):
     try:
         import ruamel.yaml
 
-        overrides = dict(ruamel.yaml.YAML(typ="safe", pure=True).load(overrides or "") or {})
-        if profile is not None:
-            overrides["profile"] = profile
+        # Round-trip: tags such as --build_profile='!include:...' stay tags.
+        overrides = ruamel.yaml.YAML(typ="rt").load(overrides or "") or {}
         run(hparams_file, run_opts, overrides)
     except lf.TrainingInterrupted as exc:
         print(f"rank {rank}: {exc}", file=sys.stderr, flush=True)

@@ -42,9 +42,9 @@ step() {  # step NAME TIMEOUT_S COMMAND...: log to OUT_DIR/NAME.log, record rc
 
 step build 40 "$PY" -m sbtemplate.build --profile tiny
 step finetune_1rank_nccl 90 "$PY" -m torch.distributed.run --nproc_per_node=1 \
-    finetune.py finetune.yaml --profile tiny --output_folder="$OUT_DIR/ft_1rank_nccl"
+    finetune.py finetune.yaml --build_profile='!include:sbtemplate/hparams/profiles/tiny.yaml' --output_folder="$OUT_DIR/ft_1rank_nccl"
 step finetune_2ranks_gloo 90 "$PY" -m torch.distributed.run --nproc_per_node=2 \
-    finetune.py finetune.yaml --profile tiny --distributed_backend=gloo --device=cuda:0 \
+    finetune.py finetune.yaml --build_profile='!include:sbtemplate/hparams/profiles/tiny.yaml' --distributed_backend=gloo --device=cuda:0 \
     --output_folder="$OUT_DIR/ft_2ranks_gloo"
 SBTEMPLATE_DEVICE=cuda:0 step padding_tests_cuda 80 "$PY" -m pytest -q -p no:cacheprovider \
     tests/test_padding_invariance.py

@@ -4,7 +4,7 @@
 #   ./install.sh              requirements.txt under constraints.txt: every package at
 #                             the version the test suite passed with
 #   ./install.sh --unlocked   requirements.txt alone (newest compatible dependencies),
-#                             to refresh constraints.txt (see README)
+#                             to refresh constraints.txt (see docs/build.md)
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}

@@ -8,7 +8,8 @@ target domain's semantics from reference transcripts (train/valid) and is
 tested on the recognizer's batched, padding-invariant transcripts.
 
     python multisource_mini_recipe.py multisource_mini_recipe.yaml            # full profile
-    python multisource_mini_recipe.py multisource_mini_recipe.yaml --debug --profile tiny
+    python multisource_mini_recipe.py multisource_mini_recipe.yaml --debug \
+        --build_profile='!include:sbtemplate/hparams/profiles/tiny.yaml'
 
 ``--debug`` (SpeechBrain's) runs two batches of two epochs and two test
 batches: the regression run. The test stage writes the transcripts' WER, the
@@ -227,31 +228,13 @@ def dataio_prepare(hparams, asr_tokenizer):
 
 
 def parse_recipe_arguments(argv):
-    """SpeechBrain's arguments, plus ``--profile NAME`` (tiny | full).
-
-    ``--profile`` is taken out before SpeechBrain's parser sees it (which
-    would take it for an abbreviation of its ``--profile_*`` options) and
-    becomes the YAML override ``profile: NAME``. Returns the hparams file,
-    the run options and the overrides as a dict.
-    """
+    """SpeechBrain's arguments; the overrides as a round-trip YAML mapping, so
+    that tags (``--build_profile='!include:...'``) stay tags. Returns the
+    hparams file, the run options and the overrides."""
     import ruamel.yaml
 
-    argv = list(argv)
-    profile = None
-    for index, arg in enumerate(argv):
-        if arg == "--profile" and index + 1 < len(argv):
-            profile = argv[index + 1]
-            del argv[index : index + 2]
-            break
-        if arg.startswith("--profile="):
-            profile = arg.split("=", 1)[1]
-            del argv[index]
-            break
-    hparams_file, run_opts, overrides = sb.parse_arguments(argv)
-    overrides = dict((ruamel.yaml.YAML(typ="safe", pure=True).load(overrides) if overrides else None) or {})
-    if profile is not None:
-        overrides["profile"] = profile
-    return hparams_file, run_opts, overrides
+    hparams_file, run_opts, overrides = sb.parse_arguments(list(argv))
+    return hparams_file, run_opts, ruamel.yaml.YAML(typ="rt").load(overrides or "") or {}
 
 
 def main(argv=None):

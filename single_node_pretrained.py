@@ -27,11 +27,12 @@ from pathlib import Path
 # Only modules that do not import huggingface_hub before the endpoint is set.
 from sbtemplate import fetching, servers
 from sbtemplate.paths import REPO_ID, ProfilePaths
+from sbtemplate.profiles import profile_names
 
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--profile", default="full", choices=("tiny", "full"))
+    parser.add_argument("--profile", default="full", choices=profile_names())
     parser.add_argument("--artifacts", help="artefacts root (default: SBTEMPLATE_ARTIFACTS or ./artifacts)")
     parser.add_argument("--fetch_endpoints", default="loopback", choices=fetching.ENDPOINT_MODES)
     parser.add_argument("--public_hub_endpoint", default=fetching.PUBLIC_HUB_ENDPOINT)

@@ -22,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+from sbtemplate.profiles import profile_names
 from sbtemplate.paths import ProfilePaths
 
 
@@ -140,7 +141,7 @@ def run(profile="full", out="results", max_utterances=60, threads=1, repeats=3):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--profile", default="full", choices=("tiny", "full"))
+    parser.add_argument("--profile", default="full", choices=profile_names())
     parser.add_argument("--out", default="results", help="report folder")
     parser.add_argument("--max-utterances", type=int, default=60,
                         help="test utterances decoded by the padding and DDP benchmarks")

@@ -14,7 +14,6 @@ import argparse
 import json
 import logging
 import os
-import re
 import shutil
 import sys
 import time
@@ -26,7 +25,7 @@ from sbtemplate.corpus.builder import SPEECH_SPLITS, build_corpus, corpus_finger
 from sbtemplate.data_prep import prepare_corpus, read_text_lines
 from sbtemplate.manifest import write_manifest
 from sbtemplate.paths import SEED, ProfilePaths
-from sbtemplate.profiles import get_profile
+from sbtemplate.profiles import get_profile, include_override, profile_file, profile_names
 
 logger = logging.getLogger("sbtemplate.build")
 
@@ -45,8 +44,9 @@ DESCRIPTORS = {
 EXAMPLE_WAV = "example.flac"
 # The target-domain LM published beside the recognizer's own lm.ckpt.
 DOMAIN_LM_FILE = "lm_commands.ckpt"
-# Bumped when the architecture in hparams/ changes, so cached models are retrained.
-ARCHITECTURE_VERSION = 5  # 2: GRU in the CRDNN; 3: fully seeded; 4: back to the LSTM; 5: step annealing
+# Bumped when the architecture or training code in hparams/ changes, so cached
+# models are retrained.
+ARCHITECTURE_VERSION = 6
 
 
 def _stage(folder, fingerprint, work, force=False):
@@ -92,25 +92,32 @@ def _run_opts():
     return {"device": device, "debug": False}
 
 
-def _load_hparams(name, overrides):
+def hparams_overrides(profile, **values):
+    """HyperPyYAML overrides for a YAML of hparams/: the profile (an ``!include:``
+    of its file) and plain ``values`` (the stage's training settings, paths).
+
+    The YAML files read their defaults from the same profile; the build passes
+    the stage's values so that a stage can be run with other settings."""
+    lines = [include_override(profile)]
+    lines += [f"{key}: {json.dumps(value)}" for key, value in values.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _load_hparams(name, profile, **values):
     from hyperpyyaml import load_hyperpyyaml
 
     with open(HPARAMS_DIR / name) as handle:
-        return load_hyperpyyaml(handle, overrides)
+        return load_hyperpyyaml(handle, hparams_overrides(profile, **values))
 
 
-def _model_overrides(profile, vocab_size):
-    overrides = dict(get_profile(profile)["model_overrides"])
-    overrides["output_neurons"] = vocab_size
-    return overrides
-
-
-def published_overrides(profile):
-    """The profile's values for the published hyperparams.yaml: model sizes and
-    decoding settings (the profile's ``eval``). Recipes that rebuild the
-    recognizer from their own YAML (finetune.yaml) apply the same ones."""
-    cfg = get_profile(profile)
-    return {**_model_overrides(profile, cfg["tokenizer"]["vocab_size"]), **cfg["eval"]}
+def build_config(profile):
+    """What the stages need of a profile, and what their fingerprints hold."""
+    data = get_profile(profile)
+    recognizer = data["recognizer"]
+    cfg = dict(data["build"])
+    cfg["tokenizer"] = {"vocab_size": recognizer["output_neurons"]}
+    cfg["recognizer"] = dict(recognizer)
+    return cfg
 
 
 # ------------------------------------------------------------------ stages --
@@ -142,13 +149,11 @@ def build_tokenizer(paths, cfg):
     return folder / f"{vocab}_unigram.model"
 
 
-def _lm_overrides(paths, cfg):
-    vocab = cfg["tokenizer"]["vocab_size"]
-    return {k: v for k, v in _model_overrides(paths.profile, vocab).items()
-            if k.startswith("lm_") or k == "output_neurons"}
+def _lm_sizes(cfg):
+    return {k: v for k, v in cfg["recognizer"].items() if k.startswith("lm_") or k == "output_neurons"}
 
 
-def _train_lm(tmp, overrides, tokenizer_file, annotations, read_sentences, out_name, init_lm=None):
+def _train_lm(tmp, profile, training, tokenizer_file, annotations, read_sentences, out_name, init_lm=None):
     """SpeechBrain's LM recipe (base_lm.yaml + LMBrain) on a train and a valid file.
 
     ``init_lm``: a checkpoint to start from instead of the seeded initialisation.
@@ -158,9 +163,8 @@ def _train_lm(tmp, overrides, tokenizer_file, annotations, read_sentences, out_n
 
     seed_everything(SEED)
     hparams = _load_hparams(
-        "base_lm.yaml",
-        {**overrides, "output_folder": str(tmp),
-         "train_annotation": str(annotations[0]), "valid_annotation": str(annotations[1])},
+        "base_lm.yaml", profile, **training, output_folder=str(tmp), train_annotation=str(annotations[0]),
+        valid_annotation=str(annotations[1]),
     )
     if init_lm is not None:
         hparams["model"].load_state_dict(torch.load(init_lm, map_location="cpu"))
@@ -180,11 +184,10 @@ def _train_lm(tmp, overrides, tokenizer_file, annotations, read_sentences, out_n
 
 
 def build_lm(paths, cfg, tokenizer_file):
-    overrides = _lm_overrides(paths, cfg)
-    fingerprint = {"corpus": cfg["corpus"], "tok": cfg["tokenizer"], "lm": cfg["lm"], "model": overrides}
+    fingerprint = {"corpus": cfg["corpus"], "tok": cfg["tokenizer"], "lm": cfg["lm"], "model": _lm_sizes(cfg)}
 
     def work(tmp):
-        _train_lm(tmp, {**overrides, **cfg["lm"]}, tokenizer_file,
+        _train_lm(tmp, paths.profile, cfg["lm"], tokenizer_file,
                   (paths.manifests / "lm_train.txt", paths.manifests / "lm_valid.txt"),
                   read_text_lines, "lm.ckpt")
 
@@ -202,12 +205,11 @@ def build_domain_lm(paths, cfg, tokenizer_file, lm_file):
     Published beside the recognizer's own LM (``DOMAIN_LM_FILE``), as a provider
     publishes a domain LM for a recognizer; the SLU recipe fetches it from a URL.
     """
-    overrides = _lm_overrides(paths, cfg)
     fingerprint = {"corpus": cfg["corpus"], "tok": cfg["tokenizer"], "lm": cfg["lm"],
-                   "domain_lm": cfg["domain_lm"], "model": overrides}
+                   "domain_lm": cfg["domain_lm"], "model": _lm_sizes(cfg)}
 
     def work(tmp):
-        _train_lm(tmp, {**overrides, **cfg["domain_lm"]}, tokenizer_file,
+        _train_lm(tmp, paths.profile, cfg["domain_lm"], tokenizer_file,
                   (paths.manifests / "target_lm_train.json", paths.manifests / "target_lm_valid.json"),
                   _words_of, DOMAIN_LM_FILE, init_lm=lm_file)
 
@@ -218,30 +220,31 @@ def build_domain_lm(paths, cfg, tokenizer_file, lm_file):
 def build_asr(paths, cfg, tokenizer_file):
     from sbtemplate.base_recognizer import train_asr
 
-    vocab = cfg["tokenizer"]["vocab_size"]
-    overrides = _model_overrides(paths.profile, vocab)
-    fingerprint = {"corpus": cfg["corpus"], "tok": cfg["tokenizer"], "asr": cfg["asr"], "model": overrides,
+    sizes = {k: v for k, v in cfg["recognizer"].items() if not k.startswith("lm_")}
+    fingerprint = {"corpus": cfg["corpus"], "tok": cfg["tokenizer"], "asr": cfg["asr"], "model": sizes,
                    "architecture": ARCHITECTURE_VERSION}
-    asr = dict(cfg["asr"])
     # ``batch_size`` is the utterances per optimiser step; ``ranks`` DDP
     # processes (CPU only) each take an equal share of it.
-    ranks = asr.pop("ranks", 1)
+    ranks = cfg["asr"].get("ranks", 1)
     if torch.cuda.is_available():
         ranks = 1  # one GPU process takes the whole batch
-    if asr["batch_size"] % ranks:
-        raise ValueError(f"profile {paths.profile!r}: asr batch_size {asr['batch_size']} "
+    if cfg["asr"]["batch_size"] % ranks:
+        raise ValueError(f"profile {paths.profile!r}: asr batch_size {cfg['asr']['batch_size']} "
                          f"is not a multiple of ranks {ranks}")
-    asr["batch_size"] //= ranks
+
+    training = {k: v for k, v in cfg["asr"].items() if k != "ranks"}
 
     def work(tmp):
         job = {
             "hparams_file": str(HPARAMS_DIR / "base_asr.yaml"),
-            "overrides": {**overrides, **asr, "output_folder": str(tmp),
-                          "train_annotation": str(paths.manifests / "train.json"),
-                          "valid_annotation": str(paths.manifests / "valid.json"),
-                          "data_root": str(paths.corpus / "LibriSpeech"),
-                          "noise_annotation": str(paths.manifests / "noise.csv"),
-                          "rir_annotation": str(paths.manifests / "rir.csv")},
+            "overrides": hparams_overrides(
+                paths.profile, **{**training, "batch_size": cfg["asr"]["batch_size"] // ranks},
+                output_folder=str(tmp),
+                train_annotation=str(paths.manifests / "train.json"),
+                valid_annotation=str(paths.manifests / "valid.json"),
+                data_root=str(paths.corpus / "LibriSpeech"),
+                noise_annotation=str(paths.manifests / "noise.csv"),
+                rir_annotation=str(paths.manifests / "rir.csv")),
             "tokenizer": str(tokenizer_file), "out_dir": str(tmp), "seed": SEED,
             "device": _run_opts()["device"],
         }
@@ -276,7 +279,6 @@ def _torchrun_asr(job_file, ranks):
 
 def publish(paths, cfg, tokenizer_file, lm_file, experiment, domain_lm_file):
     """Lay out the model folder as the Hub repo would, and link the repo-id folder to it."""
-    overrides = published_overrides(paths.profile)
     model_dir = paths.model_dir
     tmp = model_dir.with_name(model_dir.name + ".partial")
     if tmp.exists():
@@ -287,9 +289,7 @@ def publish(paths, cfg, tokenizer_file, lm_file, experiment, domain_lm_file):
     shutil.copy(lm_file, tmp / "lm.ckpt")
     shutil.copy(domain_lm_file, tmp / DOMAIN_LM_FILE)
     shutil.copy(tokenizer_file, tmp / "tokenizer.ckpt")
-    (tmp / "hyperparams.yaml").write_text(
-        published_hparams((HPARAMS_DIR / "inference.yaml").read_text(), overrides)
-    )
+    (tmp / "hyperparams.yaml").write_text(published_hparams(paths.profile))
     test = json.loads((paths.manifests / "test.json").read_text())
     first = sorted(test)[0]
     shutil.copy(
@@ -309,14 +309,37 @@ def publish(paths, cfg, tokenizer_file, lm_file, experiment, domain_lm_file):
     return model_dir
 
 
-def published_hparams(text, overrides):
-    """inference.yaml with the trained sizes written into its top-level keys."""
-    for key, value in overrides.items():
-        pattern = re.compile(rf"^{re.escape(key)}:.*$", re.MULTILINE)
-        if not pattern.search(text):
-            raise KeyError(f"inference.yaml has no top-level key {key!r}")
-        text = pattern.sub(f"{key}: {value}", text, count=1)
-    return text
+def published_hparams(profile):
+    """The hyperparams.yaml published with profile ``profile``'s recognizer."""
+    import ruamel.yaml
+
+    values = ruamel.yaml.YAML(typ="rt").load(profile_file(profile).read_text())["recognizer"]
+    return inference_hparams(values, f"profile {profile!r}")
+
+
+def inference_hparams(values, what="the recognizer"):
+    """inference.yaml with its ``recognizer`` block filled in from ``values``
+    (YAML in, YAML out, comments kept); every key of the block is required."""
+    import io
+
+    import ruamel.yaml
+
+    yaml = ruamel.yaml.YAML(typ="rt")
+    yaml.width = 4096
+    yaml.indent(mapping=4, sequence=6, offset=4)
+    document = yaml.load((HPARAMS_DIR / "inference.yaml").read_text())
+    block = document["recognizer"]
+    if set(block) != set(values):
+        raise KeyError(f"{what}: recognizer keys {sorted(values)} differ from "
+                       f"inference.yaml's {sorted(block)}")
+    for key in block:
+        value = values[key]
+        if isinstance(value, tuple):  # written as HyperPyYAML's plain "(a, b)"
+            value = yaml.load(f"v: ({', '.join(map(str, value))})")["v"]
+        block[key] = value
+    out = io.StringIO()
+    yaml.dump(document, out)
+    return out.getvalue()
 
 
 def evaluate_base(paths, batch_size=8):
@@ -357,9 +380,9 @@ def _build_locked(paths, force, progress):
     # Float rounding depends on the number of CPU threads: a profile can pin it
     # so that its models have the same bytes on machines with other core
     # counts. Other CPU kernels (AVX2, AVX-512, oneDNN's paths) still change
-    # the trained bytes; see README, "Determinism".
+    # the trained bytes; see docs/determinism.md.
     previous_threads = torch.get_num_threads()
-    threads = get_profile(paths.profile).get("threads")
+    threads = get_profile(paths.profile)["build"]["threads"]
     if threads:
         torch.set_num_threads(threads)
     try:
@@ -371,7 +394,7 @@ def _build_locked(paths, force, progress):
 def _build_stages(paths, force, progress):
     torch.set_flush_denormal(True)
     profile = paths.profile
-    cfg = get_profile(profile)
+    cfg = build_config(profile)
     timings = {}
     t0 = time.time()
     corpus_reused = is_complete(paths.corpus, cfg["corpus"], SEED)
@@ -396,7 +419,7 @@ def _build_stages(paths, force, progress):
     report_file = paths.build_report
     fingerprint = {**json.loads((experiment / DONE).read_text()),
                    "domain_lm": json.loads((domain_lm_file.parent / DONE).read_text()),
-                   "eval": cfg["eval"]}
+                   "recognizer": json.loads(json.dumps(cfg["recognizer"]))}  # as the report holds it
     if not force and report_file.is_file() and paths.model_dir.is_dir():
         report = json.loads(report_file.read_text())
         if report.get("fingerprint") == fingerprint:
@@ -436,7 +459,7 @@ def _build_stages(paths, force, progress):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--profile", default="full", choices=["tiny", "full"])
+    parser.add_argument("--profile", default="full", choices=profile_names())
     parser.add_argument("--root", default=None, help="artefacts root (default: ./artifacts)")
     parser.add_argument("--force", action="store_true", help="re-publish and re-evaluate")
     args = parser.parse_args(argv)

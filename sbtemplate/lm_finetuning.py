@@ -48,14 +48,6 @@ class TrainingInterrupted(Exception):
 # Run set-up
 
 
-def profile_overrides(profile):
-    """Model sizes and decoding settings of a build profile, as overrides for finetune.yaml:
-    the values the build wrote into the published hyperparams.yaml."""
-    from sbtemplate.build import published_overrides
-
-    return published_overrides(profile)
-
-
 def pop_option(argv, name):
     """Remove ``name=value`` or ``name value`` from ``argv`` (in place); the value or None."""
     for i, arg in enumerate(argv):

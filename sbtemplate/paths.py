@@ -9,8 +9,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-PROFILES = ("tiny", "full")  # see sbtemplate.profiles
-
 # The Hub-style id the base recognizer is published under. The data is
 # synthetic (espeak-ng), so the name says so.
 REPO_ID = "synthspeech/asr-crdnn-rnnlm-synth"
@@ -34,10 +32,9 @@ class ProfilePaths:
 
     @classmethod
     def for_profile(cls, profile, root=None):
-        if profile not in PROFILES:
-            raise ValueError(
-                f"Unknown profile {profile!r}: choose one of {', '.join(PROFILES)}"
-            )
+        from sbtemplate.profiles import profile_file
+
+        profile_file(profile)  # an unknown profile is named here
         base = Path(root) if root is not None else artifacts_root()
         return cls(profile, base / profile)
 

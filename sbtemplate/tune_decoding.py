@@ -32,6 +32,7 @@ import torch
 from tqdm import tqdm
 
 from sbtemplate.paths import ProfilePaths
+from sbtemplate.profiles import profile_names
 
 
 DEV_SPLITS = ("valid_target", "valid")  # descriptors without test speech
@@ -108,7 +109,7 @@ def tune(model, items, lm_weights, ctc_weights, lm=None, batch_size=8, device="c
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--profile", default="full", choices=["tiny", "full"])
+    parser.add_argument("--profile", default="full", choices=profile_names())
     parser.add_argument("--model", default=None,
                         help="recognizer folder (default: the profile's published recognizer)")
     parser.add_argument("--lm", default=None,

@@ -130,11 +130,11 @@ def test_later_stages_depend_on_the_corpus_version(tmp_path, monkeypatch):
             build_mod._build_locked(paths, force=False, progress=False)
         versions.append(seen[-1]["version"])
     assert versions == [1, 2]
-    assert seen[0]["sizes"] == get_profile("tiny")["corpus"]
+    assert seen[0]["sizes"] == get_profile("tiny")["build"]["corpus"]
 
 
 def test_lm_training_is_deterministic(tiny_build, tmp_path):
-    cfg = get_profile("tiny")
+    cfg = build_mod.build_config("tiny")
     tokenizer = next((tiny_build.root / "tokenizer").glob("*.model"))
     weights = []
     for run in ("a", "b"):
@@ -147,10 +147,32 @@ def test_lm_training_is_deterministic(tiny_build, tmp_path):
         assert torch.equal(weights[0][key], weights[1][key]), key
 
 
-def test_published_hparams_rejects_unknown_key():
-    with pytest.raises(KeyError, match="no_such_key"):
-        build_mod.published_hparams("a: 1\n", {"no_such_key": 2})
-    assert build_mod.published_hparams("a: 1\nb: 2\n", {"b": 5}) == "a: 1\nb: 5\n"
+@pytest.mark.parametrize("profile", ["tiny", "full"])
+def test_published_hparams_state_the_profile(profile):
+    """hyperparams.yaml is inference.yaml with the profile's recognizer block:
+    every other line as it is, every value of the block in it."""
+    import io
+
+    from hyperpyyaml import load_hyperpyyaml
+
+    text = build_mod.published_hparams(profile)
+    values = get_profile(profile)["recognizer"]
+    loaded = load_hyperpyyaml(io.StringIO(text))
+    assert {key: loaded[key] for key in values} == values
+    source = (build_mod.HPARAMS_DIR / "inference.yaml").read_text().splitlines()
+    changed = [line for line in source if line not in text.splitlines()]
+    # the block's placeholders, and booleans the YAML writer spells in lower case
+    assert all("!PLACEHOLDER" in line or line.rstrip().endswith(("True", "False")) for line in changed)
+
+
+def test_published_hparams_refuses_a_profile_missing_a_value(tmp_path, monkeypatch):
+    import sbtemplate.profiles as profiles
+
+    text = profiles.profile_file("tiny").read_text().replace("    beam_size: 4\n", "")
+    (tmp_path / "tiny.yaml").write_text(text)
+    monkeypatch.setattr(profiles, "PROFILES_DIR", tmp_path)
+    with pytest.raises(KeyError, match="beam_size"):
+        build_mod.published_hparams("tiny")
 
 
 def test_tiny_build_trains_on_one_thread_and_restores_the_callers(tiny_build, monkeypatch):
@@ -163,7 +185,7 @@ def test_tiny_build_trains_on_one_thread_and_restores_the_callers(tiny_build, mo
     torch.set_num_threads(2)
     try:
         build_mod.build("tiny", progress=False)
-        assert seen == [get_profile("tiny")["threads"]] == [1]
+        assert seen == [get_profile("tiny")["build"]["threads"]] == [1]
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
@@ -172,7 +194,7 @@ def test_tiny_build_trains_on_one_thread_and_restores_the_callers(tiny_build, mo
 def _asr_stage_inputs(tiny_build, tmp_path, **asr):
     """A fresh root reusing the tiny build's corpus and manifests, and a profile
     copy whose ASR stage has the given settings (one epoch by default)."""
-    cfg = json.loads(json.dumps(get_profile("tiny")))
+    cfg = json.loads(json.dumps(build_mod.build_config("tiny")))
     cfg["asr"] = {**cfg["asr"], "number_of_epochs": 1, "number_of_ctc_epochs": 1, **asr}
     paths = ProfilePaths("tiny", tmp_path / "root")
     paths.root.mkdir(parents=True)
@@ -189,7 +211,10 @@ def test_asr_stage_trains_on_two_ddp_ranks(tiny_build, tmp_path, monkeypatch):
     paths, cfg, tokenizer = _asr_stage_inputs(tiny_build, tmp_path, ranks=2)
     folder = build_mod.build_asr(paths, cfg, tokenizer)
     job = json.loads((folder / "asr_job.json").read_text())
-    assert job["overrides"]["batch_size"] == cfg["asr"]["batch_size"] // 2
+    import ruamel.yaml
+
+    overrides = ruamel.yaml.YAML(typ="rt").load(job["overrides"])
+    assert overrides["batch_size"] == cfg["asr"]["batch_size"] // 2
     assert json.loads((folder / "asr_valid.json").read_text())["ranks"] == 2
     trained = torch.load(folder / "asr.ckpt")
     published = torch.load(tiny_build.model_dir / "asr.ckpt")

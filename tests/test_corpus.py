@@ -106,7 +106,7 @@ def test_general_speech_covers_every_target_word():
     from sbtemplate.corpus.builder import text_split_sizes
     from sbtemplate.profiles import get_profile
 
-    splits = split_domains(text_split_sizes(get_profile("full")["corpus"]), seed=2602)
+    splits = split_domains(text_split_sizes(get_profile("full")["build"]["corpus"]), seed=2602)
     heard = {w for text in splits["general_train"] for w in text.split()}
     target = {w for name in ("target_test", "target_lm_train") for text, _ in splits[name] for w in text.split()}
     assert target - heard == set()
@@ -122,7 +122,7 @@ def test_general_speech_hears_every_number_word_often():
     from sbtemplate.corpus.grammar import ONES, TEENS, TENS
     from sbtemplate.profiles import get_profile
 
-    splits = split_domains(text_split_sizes(get_profile("full")["corpus"]), seed=2602)
+    splits = split_domains(text_split_sizes(get_profile("full")["build"]["corpus"]), seed=2602)
     counts = collections.Counter(w for text in splits["general_train"] for w in text.split())
     numbers = {w.upper(): counts[w.upper()] for w in ONES[1:] + TEENS + TENS}
     rarest = min(numbers, key=numbers.get)
@@ -135,7 +135,7 @@ def test_adding_the_dev_split_keeps_every_other_split():
     from sbtemplate.corpus.builder import text_split_sizes
     from sbtemplate.profiles import get_profile
 
-    sizes = text_split_sizes(get_profile("full")["corpus"])
+    sizes = text_split_sizes(get_profile("full")["build"]["corpus"])
     without = {k: v for k, v in sizes.items() if k != "target_valid"}
     with_dev, without_dev = split_domains(sizes, 2602), split_domains(without, 2602)
     assert len(with_dev["target_valid"]) == sizes["target_valid"] > 0

@@ -1,6 +1,7 @@
 """finetune.yaml's sources: ASR from the local folder named like the repo id,
 LM from the (loopback) Hub, tokenizer from a URL, through real Pretrainers."""
 
+import io
 import os
 import re
 from pathlib import Path
@@ -11,6 +12,7 @@ from fetch_helpers import fake_repo, file_bytes, restored_fetching, tiny_paths  
 from network_guard import _forbid_network  # noqa: F401 - autouse fixture
 from sbtemplate import fetching
 from sbtemplate.paths import REPO_ID, ProfilePaths
+from sbtemplate.profiles import include_override
 
 FINETUNE = Path(__file__).resolve().parent.parent / "finetune.yaml"
 
@@ -31,7 +33,22 @@ def section(name, text=None):
 
 
 def sources_and_pretrainers():
-    return section("fetch sources") + STUB_MODEL + section("pretrainers")
+    return as_finetune_yaml(section("fetch sources") + STUB_MODEL + section("pretrainers"))
+
+
+def as_finetune_yaml(text):
+    """``text`` as a stream named like finetune.yaml: its ``!include:`` paths
+    resolve from the repository root, wherever the tests run from."""
+    stream = io.StringIO(text)
+    stream.name = str(FINETUNE)
+    return stream
+
+
+def tiny(**overrides):
+    """Overrides selecting the tiny profile, as ``--build_profile=...`` does."""
+    import ruamel.yaml
+
+    return {**ruamel.yaml.YAML(typ="rt").load(include_override("tiny")), **overrides}
 
 
 @pytest.fixture
@@ -47,7 +64,7 @@ def artifacts(tmp_path, fake_repo):
 
 def test_plain_keys_are_read_without_importing_anything():
     keys = fetching.read_plain_keys(
-        FINETUNE, ("fetch_endpoints", "profile", "local_repo", "hub_repo_id"), {"profile": "tiny"}
+        FINETUNE, ("fetch_endpoints", "profile", "local_repo", "hub_repo_id"), include_override("tiny")
     )
     assert keys["fetch_endpoints"] == "loopback"
     assert keys["local_repo"] == f"artifacts/tiny/{REPO_ID}"
@@ -57,7 +74,7 @@ def test_plain_keys_are_read_without_importing_anything():
 def test_three_sources_through_pretrainers(artifacts, fake_repo, tmp_path, restored_fetching):
     from hyperpyyaml import load_hyperpyyaml
 
-    overrides = {"profile": "tiny", "artifacts": str(artifacts.root.parent)}
+    overrides = tiny(artifacts=str(artifacts.root.parent))
     with fetching.fetch_endpoints(FINETUNE, overrides, cache_dir=tmp_path / "cache") as ep:
         assert ep.mode == "loopback" and ep.hub_endpoint.startswith("http://127.0.0.1:")
         hparams = load_hyperpyyaml(sources_and_pretrainers(), ep.overrides)
@@ -94,7 +111,7 @@ def test_three_sources_through_pretrainers(artifacts, fake_repo, tmp_path, resto
 
 
 def test_public_mode_is_one_setting(tmp_path, restored_fetching):
-    overrides = {"profile": "tiny", "fetch_endpoints": "public"}
+    overrides = tiny(fetch_endpoints="public")
     with fetching.fetch_endpoints(FINETUNE, overrides, cache_dir=tmp_path / "cache") as ep:
         assert ep.hub_endpoint == "https://huggingface.co"
         assert ep.url_base == f"https://huggingface.co/{REPO_ID}/resolve/main"
@@ -116,16 +133,10 @@ def test_finetune_pretrainers_load_the_tiny_build(tiny_paths, tmp_path, restored
     from sbtemplate.profiles import get_profile
 
     profile = get_profile(tiny_paths.profile)
-    overrides = {
-        "profile": tiny_paths.profile,
-        "artifacts": str(tiny_paths.root.parent),
-        "pretrained_folder": str(tmp_path / "pretrained"),
-        **profile["model_overrides"],
-        "output_neurons": profile["tokenizer"]["vocab_size"],
-    }
-    text = section("fetch sources") + section("model") + section("pretrainers")
+    overrides = tiny(artifacts=str(tiny_paths.root.parent), pretrained_folder=str(tmp_path / "pretrained"))
+    text = section("fetch sources") + section("model") + section("pretrainers") + "padding_invariant: True\nmax_decode_ratio: 1.0\n"
     with fetching.fetch_endpoints(FINETUNE, overrides, cache_dir=tmp_path / "cache") as ep:
-        hparams = load_hyperpyyaml(text, ep.overrides)
+        hparams = load_hyperpyyaml(as_finetune_yaml(text), ep.overrides)
         del fetching.fetch_log[:]
         fetching.collect_pretrained(hparams, load=True)
     kinds = {r.filename: r.kind for r in fetching.fetch_log}
@@ -135,4 +146,22 @@ def test_finetune_pretrainers_load_the_tiny_build(tiny_paths, tmp_path, restored
         "lm.ckpt": "huggingface",
         "tokenizer.ckpt": "url",
     }
-    assert hparams["tokenizer"].vocab_size() == profile["tokenizer"]["vocab_size"]
+    assert hparams["tokenizer"].vocab_size() == profile["recognizer"]["output_neurons"]
+
+
+def test_a_users_own_url_base_and_hub_endpoint_are_used(artifacts, tmp_path, restored_fetching):
+    """Set in the YAML or on the command line, they are not replaced."""
+    overrides = tiny(artifacts=str(artifacts.root.parent), url_base="http://files.example/models",
+                     hub_endpoint="http://hub.example")
+    with fetching.fetch_endpoints(FINETUNE, overrides, cache_dir=tmp_path / "cache") as ep:
+        assert ep.url_base == "http://files.example/models"
+        assert ep.hub_endpoint == "http://hub.example"
+        assert fetching.current_hub_endpoint() == "http://hub.example"
+        hparams = load_hyperpyyaml_sources(ep.overrides)
+        assert hparams["tokenizer_source"].path == "http://files.example/models/tokenizer.ckpt"
+
+
+def load_hyperpyyaml_sources(overrides):
+    from hyperpyyaml import load_hyperpyyaml
+
+    return load_hyperpyyaml(sources_and_pretrainers(), overrides)

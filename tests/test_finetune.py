@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 
 from network_guard import _forbid_network  # noqa: F401 - autouse fixture
+from sbtemplate.profiles import profile_file
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = Path(sys.executable)
@@ -32,8 +33,9 @@ TIMEOUT_S = 420
 
 # A small but complete run: 2 epochs, 6 test utterances in batches of 2 (so
 # both ranks decode), a short beam.
+TINY = f"--build_profile=!include:{profile_file('tiny')}"
 RUN_OVERRIDES = [
-    "--profile=tiny", "--number_of_epochs=2", "--test_limit=6", "--test_batch_size=2",
+    TINY, "--number_of_epochs=2", "--test_limit=6", "--test_batch_size=2",
     "--max_decode_ratio=0.6", "--noprogressbar", "--collective_timeout_s=120",
 ]
 EVAL_NAMES = ("test_base_lm", "test_finetuned_brain", "test_finetuned_interface_load_audio",
@@ -306,7 +308,7 @@ def test_a_yaml_syntax_error_names_the_file_and_line(tmp_path, tiny_build):
     lines = (ROOT / "finetune.yaml").read_text().splitlines()
     lines[4] = "seed: [1986"  # an unclosed flow sequence
     broken.write_text("\n".join(lines) + "\n")
-    cmd = [str(PYTHON), "finetune.py", str(broken), "--profile=tiny", f"--output_folder={tmp_path / 'out'}"]
+    cmd = [str(PYTHON), "finetune.py", str(broken), TINY, f"--output_folder={tmp_path / 'out'}"]
     done = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240)
     assert done.returncode != 0
     assert f"rank 0: ERROR: ConfigError: {broken}: YAML syntax error at line " in done.stderr, done.stderr[-3000:]

@@ -31,6 +31,7 @@ import regression
 import torch
 
 from sbtemplate.paths import ProfilePaths
+from sbtemplate.profiles import profile_file
 from sbtemplate.run_lock import hold_output_folder, release_output_folder
 from sbtemplate.servers import unused_loopback_port
 from sbtemplate.slu import parse_semantics, serialize_semantics
@@ -68,7 +69,7 @@ sys.exit(code)
 
 def run_recipe(*args, timeout=600, env=None):
     command = [sys.executable, "-c", GUARDED.format(tests=str(TESTS), recipe=str(RECIPE)),
-               str(HPARAMS), "--profile", "tiny", *args]
+               str(HPARAMS), f"--build_profile=!include:{profile_file('tiny')}", *args]
     env = {**os.environ, **(env or {})}
     env.pop("HF_ENDPOINT", None)  # the recipe points the Hub client itself
     started, before = time.monotonic(), resource.getrusage(resource.RUSAGE_CHILDREN)

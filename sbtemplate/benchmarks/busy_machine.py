@@ -5,7 +5,7 @@ default ``OMP_WAIT_POLICY=ACTIVE`` behaviour) stall whenever another process
 holds one of their cores, and a beam search's many small operations each pay
 for it. The package sets ``OMP_WAIT_POLICY=PASSIVE`` unless the user set the
 variable (``sbtemplate/__init__.py``). This benchmark runs
-``python finetune.py finetune.yaml --profile <profile> --number_of_epochs=1``
+``python finetune.py finetune.yaml --build_profile='!include:<profile file>' --number_of_epochs=1``
 (fine-tuning and both evaluations) alone and beside ``--hogs`` CPU-bound
 processes, under each wait policy, in interleaved repeats, and prints the
 median wall time of each and the ratio busy / alone.
@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from sbtemplate.profiles import profile_file, profile_names
+
 ROOT = Path(__file__).resolve().parents[2]
 POLICIES = ("ACTIVE", "PASSIVE")
 HOG = "while True: pass"
@@ -34,7 +36,7 @@ def timed_run(profile, policy, output_folder):
     """Wall seconds of one single-process fine-tuning run under ``policy``."""
     env = {**os.environ, "OMP_WAIT_POLICY": policy}
     env.pop("OMP_NUM_THREADS", None)  # the default thread count, as a user runs it
-    cmd = [sys.executable, "finetune.py", "finetune.yaml", f"--profile={profile}", "--number_of_epochs=1",
+    cmd = [sys.executable, "finetune.py", "finetune.yaml", f"--build_profile=!include:{profile_file(profile)}", "--number_of_epochs=1",
            f"--output_folder={output_folder}"]
     started = time.monotonic()
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
@@ -87,7 +89,7 @@ def _all(values):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--profile", default="tiny", choices=["tiny", "full"])
+    parser.add_argument("--profile", default="tiny", choices=profile_names())
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--hogs", type=int, default=2, help="CPU-bound processes beside the run")
     parser.add_argument("--json", default=None, help="write the figures here")

@@ -33,6 +33,8 @@ from pathlib import Path
 
 import torch
 
+from sbtemplate.profiles import profile_names
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -255,7 +257,7 @@ def format_table(fig):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--profile", default="tiny", choices=("tiny", "full"))
+    parser.add_argument("--profile", default="tiny", choices=profile_names())
     parser.add_argument("--batch-size", type=int, default=8, help="utterances in the step batch")
     parser.add_argument("--repeats", type=int, default=5, help="timed steps (median kept)")
     parser.add_argument("--fixed-batch-size", type=int, default=None,

@@ -43,6 +43,7 @@ from pathlib import Path
 
 import torch
 
+from sbtemplate.profiles import profile_names
 from sbtemplate.benchmarks import diagnostics
 from sbtemplate.benchmarks.decoding import (
     by_length,
@@ -480,7 +481,7 @@ def format_table(fig):
 def main(argv=None):
     """Command line: print the tables, optionally write the figures as JSON."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--profile", default="tiny", choices=("tiny", "full"))
+    parser.add_argument("--profile", default="tiny", choices=profile_names())
     parser.add_argument("--max-utterances", type=int, default=None)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--beam-size", type=int, default=None)

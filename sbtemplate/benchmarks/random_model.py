@@ -16,7 +16,17 @@ from pathlib import Path
 import torch
 from hyperpyyaml import load_hyperpyyaml
 
-INFERENCE_YAML = Path(__file__).resolve().parent.parent / "hparams" / "inference.yaml"
+from sbtemplate.build import inference_hparams
+
+# The sizes and decoding values of the random recognizer (the ``recognizer``
+# block of a profile): two LSTM layers, larger than the tiny profile.
+RANDOM_RECOGNIZER = {
+    "output_neurons": 200, "hop_length": 10, "cnn_channels": (32, 64), "time_pooling_size": 4,
+    "rnn_type": "LSTM", "rnn_layers": 2, "rnn_neurons": 128, "dnn_neurons": 128, "emb_size": 64,
+    "dec_neurons": 128, "attn_dim": 128, "lm_emb_size": 64, "lm_rnn_layers": 2,
+    "lm_rnn_neurons": 256, "lm_dnn_neurons": 128,
+    "beam_size": 8, "lm_weight": 0.5, "ctc_weight_decode": 0.3, "eos_threshold": 1.5,
+}
 
 _SYLLABLES = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
 
@@ -57,8 +67,10 @@ def train_tokenizer(path, vocab_size, seed=0):
     return path
 
 
-def write_random_recognizer(folder, seed=0, hparams_file=INFERENCE_YAML):
+def write_random_recognizer(folder, seed=0, recognizer=None):
     """Write a random-weight recognizer folder; returns its path.
+
+    ``recognizer``: the sizes and decoding values (default ``RANDOM_RECOGNIZER``).
 
     The global normalisation statistics come from one batch of random noise, so
     the features stay in a sane range.
@@ -66,8 +78,9 @@ def write_random_recognizer(folder, seed=0, hparams_file=INFERENCE_YAML):
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    with open(hparams_file) as f:
-        hp = load_hyperpyyaml(f)
+    text = inference_hparams(RANDOM_RECOGNIZER if recognizer is None else recognizer,
+                             "the random recognizer")
+    hp = load_hyperpyyaml(text)
     g = torch.Generator().manual_seed(seed + 1)
     normalizer = hp["normalizer"]
     normalizer.train()
@@ -79,5 +92,5 @@ def write_random_recognizer(folder, seed=0, hparams_file=INFERENCE_YAML):
     torch.save(hp["lm_model"].state_dict(), folder / "lm.ckpt")
     normalizer._save(folder / "normalizer.ckpt")
     train_tokenizer(folder / "tokenizer.ckpt", hp["output_neurons"], seed)
-    shutil.copyfile(hparams_file, folder / "hyperparams.yaml")
+    (folder / "hyperparams.yaml").write_text(text)
     return folder

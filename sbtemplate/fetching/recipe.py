@@ -34,48 +34,34 @@ class Endpoints:
 
 
 def _plain_overrides(overrides):
+    """Overrides as a mapping. YAML text is read round-trip, so that tags such
+    as ``build_profile: !include:...`` stay tags for HyperPyYAML."""
     if overrides is None or overrides == "":
         return {}
     if isinstance(overrides, dict):
         return dict(overrides)
     import ruamel.yaml
 
-    loaded = ruamel.yaml.YAML(typ="safe", pure=True).load(overrides)
-    return dict(loaded or {})
+    return dict(ruamel.yaml.YAML(typ="rt").load(overrides) or {})
 
 
 def read_plain_keys(hparams_file, keys, overrides=None):
-    """Read top-level keys of a HyperPyYAML file without building anything.
+    """Top-level values of a HyperPyYAML file, without building anything.
 
-    Plain scalars are returned as they are; ``!ref <key>`` (with text around
-    it) is resolved against the other top-level keys and the overrides.
-    Nothing is imported or instantiated, so this can run before the Hub
-    endpoint is configured.
+    HyperPyYAML resolves the file as it will when it loads it (overrides,
+    ``!include:``, ``!ref``), but no object is made and nothing is imported,
+    so this can run before the Hub endpoint is configured.
     """
-    import re
-
     import ruamel.yaml
+    from hyperpyyaml import resolve_references
 
-    text = Path(hparams_file).read_text()
+    with open(hparams_file) as handle:
+        text = resolve_references(handle, _plain_overrides(overrides)).getvalue()
     document = ruamel.yaml.YAML(typ="rt").load(text) or {}
-    given = _plain_overrides(overrides)
-
-    def value_of(key, depth=0):
-        if key in given:
-            return given[key]
-        if key not in document or depth > 20:
-            raise KeyError(f"{key!r} is not a top-level key of {hparams_file}")
-        node = document[key]
-        tag = getattr(getattr(node, "tag", None), "value", None) or getattr(node, "tag", None)
-        if isinstance(tag, str) and tag.startswith("!"):
-            if tag != "!ref":
-                raise ValueError(f"{key!r} in {hparams_file} must be a plain value or a !ref")
-            return re.sub(
-                r"<([^<>]+)>", lambda m: str(value_of(m.group(1), depth + 1)), str(node.value)
-            )
-        return node
-
-    return {key: value_of(key) for key in keys}
+    missing = [key for key in keys if key not in document]
+    if missing:
+        raise KeyError(f"{', '.join(map(repr, missing))}: not a top-level key of {hparams_file}")
+    return {key: document[key] for key in keys}
 
 
 @contextmanager
@@ -96,18 +82,21 @@ def fetch_endpoints(hparams_file, overrides=None, *, cache_dir=None):
     given.setdefault("artifacts", str(artifacts_root()))
     keys = read_plain_keys(
         hparams_file,
-        ("fetch_endpoints", "profile", "artifacts", "repo_id", "hub_repo_id", "public_hub_endpoint"),
+        ("fetch_endpoints", "profile", "artifacts", "repo_id", "hub_repo_id", "public_hub_endpoint",
+         "hub_endpoint", "url_base"),
         given,
     )
+    # A user's own endpoint or URL base is used as it is.
+    own = {key: str(keys[key]).rstrip("/") for key in ("hub_endpoint", "url_base") if keys[key]}
     mode = str(keys["fetch_endpoints"])
     if mode not in ENDPOINT_MODES:
         raise ValueError(f"fetch_endpoints must be one of {ENDPOINT_MODES}, got {mode!r}")
     hub_repo_id = str(keys["hub_repo_id"])
     if mode == "public":
         hub = str(keys["public_hub_endpoint"]).rstrip("/")
-        given.update(hub_endpoint=hub, url_base=f"{hub}/{hub_repo_id}/resolve/main")
-        setup(hub_endpoint=hub, cache_dir=cache_dir)
-        yield Endpoints(mode, hub, given["url_base"], given)
+        given.update({"hub_endpoint": hub, "url_base": f"{hub}/{hub_repo_id}/resolve/main", **own})
+        setup(hub_endpoint=given["hub_endpoint"], cache_dir=cache_dir)
+        yield Endpoints(mode, given["hub_endpoint"], given["url_base"], given)
         return
     paths = ProfilePaths.for_profile(str(keys["profile"]), root=keys["artifacts"])
     folder = paths.local_repo
@@ -117,9 +106,9 @@ def fetch_endpoints(hparams_file, overrides=None, *, cache_dir=None):
             f"with python -m sbtemplate.build --profile {paths.profile})"
         )
     with servers.serve(folder, hub_repo_id) as served:
-        given.update(hub_endpoint=served.hub_endpoint, url_base=served.url_base)
-        setup(hub_endpoint=served.hub_endpoint, cache_dir=cache_dir)
-        yield Endpoints(mode, served.hub_endpoint, served.url_base, given, served)
+        given.update({"hub_endpoint": served.hub_endpoint, "url_base": served.url_base, **own})
+        setup(hub_endpoint=given["hub_endpoint"], cache_dir=cache_dir)
+        yield Endpoints(mode, given["hub_endpoint"], given["url_base"], given, served)
 
 
 PRETRAINER_KEYS = ("pretrainer_asr", "pretrainer_lm", "pretrainer_tokenizer")
