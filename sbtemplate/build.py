@@ -11,6 +11,7 @@ mistaken for a finished artefact.
 """
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -31,6 +32,9 @@ logger = logging.getLogger("sbtemplate.build")
 
 HPARAMS_DIR = Path(__file__).resolve().parent / "hparams"
 DONE = "DONE.json"
+# The recognizer block's decoding values: they change what is published, not
+# what is trained.
+DECODING_KEYS = ("beam_size", "lm_weight", "ctc_weight_decode", "eos_threshold")
 # Seconds the stage's work took when it ran (a reused stage keeps its own).
 STAGE_SECONDS = "stage_seconds.json"
 # descriptor name -> split folder of the LibriSpeech layout
@@ -220,7 +224,8 @@ def build_domain_lm(paths, cfg, tokenizer_file, lm_file):
 def build_asr(paths, cfg, tokenizer_file):
     from sbtemplate.base_recognizer import train_asr
 
-    sizes = {k: v for k, v in cfg["recognizer"].items() if not k.startswith("lm_")}
+    sizes = {k: v for k, v in cfg["recognizer"].items()
+             if not k.startswith("lm_") and k not in DECODING_KEYS}
     fingerprint = {"corpus": cfg["corpus"], "tok": cfg["tokenizer"], "asr": cfg["asr"], "model": sizes,
                    "architecture": ARCHITECTURE_VERSION}
     # ``batch_size`` is the utterances per optimiser step; ``ranks`` DDP
@@ -377,18 +382,33 @@ def build(profile="tiny", root=None, force=False, progress=True):
 
 
 def _build_locked(paths, force, progress):
-    # Float rounding depends on the number of CPU threads: a profile can pin it
-    # so that its models have the same bytes on machines with other core
-    # counts. Other CPU kernels (AVX2, AVX-512, oneDNN's paths) still change
-    # the trained bytes; see docs/determinism.md.
+    with build_environment(paths.profile):
+        return _build_stages(paths, force, progress)
+
+
+@contextlib.contextmanager
+def build_environment(profile):
+    """The process settings a build trains under; the caller's come back on exit.
+
+    Float rounding depends on the number of CPU threads: a profile can pin it
+    so that its models have the same bytes on machines with other core counts
+    (other CPU kernels still change them; see docs/determinism.md). And
+    SpeechBrain seeds its shuffling samplers from SB_GLOBAL_SEED, which any
+    seed_everything() in the calling process sets (a recipe YAML loaded
+    before the build): the build uses SpeechBrain's default seed, so that its
+    models do not depend on what ran before it.
+    """
     previous_threads = torch.get_num_threads()
-    threads = get_profile(paths.profile)["build"]["threads"]
+    threads = get_profile(profile)["build"]["threads"]
     if threads:
         torch.set_num_threads(threads)
+    caller_seed = os.environ.pop("SB_GLOBAL_SEED", None)
     try:
-        return _build_stages(paths, force, progress)
+        yield
     finally:
         torch.set_num_threads(previous_threads)
+        if caller_seed is not None:
+            os.environ["SB_GLOBAL_SEED"] = caller_seed
 
 
 def _build_stages(paths, force, progress):

@@ -133,15 +133,20 @@ def test_later_stages_depend_on_the_corpus_version(tmp_path, monkeypatch):
     assert seen[0]["sizes"] == get_profile("tiny")["build"]["corpus"]
 
 
-def test_lm_training_is_deterministic(tiny_build, tmp_path):
+def test_lm_training_is_deterministic(tiny_build, tmp_path, monkeypatch):
+    """Twice the same LM, also when the caller has seeded SpeechBrain with
+    another seed (SB_GLOBAL_SEED, which seeds its shuffling samplers)."""
     cfg = build_mod.build_config("tiny")
     tokenizer = next((tiny_build.root / "tokenizer").glob("*.model"))
     weights = []
     for run in ("a", "b"):
+        if run == "b":
+            monkeypatch.setenv("SB_GLOBAL_SEED", "1986")
         paths = ProfilePaths("tiny", tmp_path / run)
         paths.root.mkdir(parents=True)
         (paths.root / "manifests").symlink_to(tiny_build.manifests)
-        weights.append(torch.load(build_mod.build_lm(paths, cfg, tokenizer)))
+        with build_mod.build_environment("tiny"):
+            weights.append(torch.load(build_mod.build_lm(paths, cfg, tokenizer)))
     assert weights[0].keys() == weights[1].keys()
     for key in weights[0]:
         assert torch.equal(weights[0][key], weights[1][key]), key

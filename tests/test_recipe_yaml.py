@@ -65,9 +65,9 @@ def test_the_built_recognizer_is_what_the_profile_publishes(tiny_build):
 
 
 @pytest.mark.parametrize("profile", profile_names())
-def test_training_yamls_build_the_published_modules(profile):
+def test_training_yamls_build_the_published_modules(profile, tmp_path):
     """base_asr.yaml and base_lm.yaml train the networks hyperparams.yaml loads."""
-    overrides = {"output_folder": "unused", "train_annotation": "a", "valid_annotation": "b"}
+    overrides = {"output_folder": str(tmp_path), "train_annotation": "a", "valid_annotation": "b"}
     asr = build._load_hparams("base_asr.yaml", profile, **overrides, data_root="d",
                               noise_annotation="n", rir_annotation="r")
     lm = build._load_hparams("base_lm.yaml", profile, **overrides)
