@@ -47,8 +47,9 @@ def run(hparams_file, run_opts, overrides):
     timings, started = {}, time.time()
     # The file's syntax and the overrides' types, named clearly, before anything.
     check_override_types(hparams_file, overrides)
-    keys = fetching.read_plain_keys(hparams_file, ["profile", "artifacts", "collective_timeout_s"],
-                                    overrides)
+    keys = fetching.read_plain_keys(
+        hparams_file, ["profile", "artifacts", "collective_timeout_s"], overrides
+    )
     profile, artifacts = str(keys["profile"]), keys["artifacts"]
     paths = ProfilePaths.for_profile(profile, root=None if artifacts == "artifacts" else artifacts)
 
@@ -81,40 +82,60 @@ def run(hparams_file, run_opts, overrides):
         if busy:
             raise run_lock.OutputFolderInUse(busy)
         sb.create_experiment_directory(
-            experiment_directory=hparams["output_folder"], hyperparams_to_save=hparams_file,
+            experiment_directory=hparams["output_folder"],
+            hyperparams_to_save=hparams_file,
             overrides=ep.overrides,
         )
         main = rank == 0
         if main:
-            print(f"Fine-tuning the LM of {hparams['repo_id']} ({profile} profile) on "
-                  f"{world} rank(s), backend {torch.distributed.get_backend() if torch.distributed.is_initialized() else '-'}, "
-                  f"device {run_opts.device}; {ep.describe()}", flush=True)
+            print(
+                f"Fine-tuning the LM of {hparams['repo_id']} ({profile} profile) on "
+                f"{world} rank(s), backend {torch.distributed.get_backend() if torch.distributed.is_initialized() else '-'}, "
+                f"device {run_opts.device}; {ep.describe()}",
+                flush=True,
+            )
 
         # 4. Fetch (rank 0 downloads, the others wait) and load the recognizer.
         STAGE["now"] = "fetching the recognizer"
         fetching.collect_pretrained(hparams)
         tokenizer = hparams["tokenizer"]
         text = {
-            name: lf.lm_text_dataset(lf.read_text_split(hparams[key]), tokenizer,
-                                     hparams["bos_index"], hparams["eos_index"])
-            for name, key in (("train", "lm_train_annotation"), ("valid", "lm_valid_annotation"),
-                              ("general", "general_lm_valid"))
+            name: lf.lm_text_dataset(
+                lf.read_text_split(hparams[key]),
+                tokenizer,
+                hparams["bos_index"],
+                hparams["eos_index"],
+            )
+            for name, key in (
+                ("train", "lm_train_annotation"),
+                ("valid", "lm_valid_annotation"),
+                ("general", "general_lm_valid"),
+            )
         }
         test_set = lf.speech_test_dataset(test_entries)
 
         # 5. The Brain: the LM trains, the ASR modules are frozen beside it.
         modules = {"lm": hparams["lm_model"], **lf.frozen_asr_modules(hparams)}
         brain = lf.LMFineTuneBrain(
-            modules=modules, opt_class=hparams["opt_class"], hparams=hparams,
-            run_opts=run_opts, checkpointer=hparams["checkpointer"], tokenizer=tokenizer,
+            modules=modules,
+            opt_class=hparams["opt_class"],
+            hparams=hparams,
+            run_opts=run_opts,
+            checkpointer=hparams["checkpointer"],
+            tokenizer=tokenizer,
         )
-        train_sampler = lf.train_batch_sampler(text["train"], hparams["train_dynamic_batching"],
-                                               hparams["seed"])
+        train_sampler = lf.train_batch_sampler(
+            text["train"], hparams["train_dynamic_batching"], hparams["seed"]
+        )
         train_kwargs = {"batch_sampler": train_sampler}
-        valid_kwargs = {"batch_sampler": lf.eval_batch_sampler(text["valid"],
-                                                               hparams["valid_dynamic_batching"])}
-        general_kwargs = {"batch_sampler": lf.eval_batch_sampler(text["general"],
-                                                                 hparams["valid_dynamic_batching"])}
+        valid_kwargs = {
+            "batch_sampler": lf.eval_batch_sampler(text["valid"], hparams["valid_dynamic_batching"])
+        }
+        general_kwargs = {
+            "batch_sampler": lf.eval_batch_sampler(
+                text["general"], hparams["valid_dynamic_batching"]
+            )
+        }
         test_kwargs = {"batch_size": hparams["test_batch_size"]}
         if main:
             for line in train_sampler.describe():
@@ -124,9 +145,14 @@ def run(hparams_file, run_opts, overrides):
         base_lm = lf.lm_state(brain)
         base_digest = state_digest(brain.lm)
         backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else None
-        results = {"profile": profile, "world_size": world, "device": str(run_opts.device),
-                   "backend": backend,
-                   "perplexity": {}, "wer": {}}
+        results = {
+            "profile": profile,
+            "world_size": world,
+            "device": str(run_opts.device),
+            "backend": backend,
+            "perplexity": {},
+            "wer": {},
+        }
         eval_dir = Path(hparams["eval_folder"])
         timings["setup_s"] = time.time() - started
 
@@ -145,18 +171,25 @@ def run(hparams_file, run_opts, overrides):
         # 7. Fine-tune the LM (resumes from the last checkpoint if interrupted).
         STAGE["now"] = "fine-tuning"
         t = time.time()
-        brain.fit(hparams["epoch_counter"], text["train"], text["valid"],
-                  train_loader_kwargs=train_kwargs, valid_loader_kwargs=valid_kwargs)
+        brain.fit(
+            hparams["epoch_counter"],
+            text["train"],
+            text["valid"],
+            train_loader_kwargs=train_kwargs,
+            valid_loader_kwargs=valid_kwargs,
+        )
         timings["fit_s"] = time.time() - t
         brain.checkpointer.recover_if_possible(min_key="valid_perplexity")
         tuned_lm = lf.lm_state(brain)
-        final_digests = exchange(state_digest(brain.lm), group=brain.ddp_eval_group,
-                                 what="fine-tuned LM check")
+        final_digests = exchange(
+            state_digest(brain.lm), group=brain.ddp_eval_group, what="fine-tuned LM check"
+        )
         if len(set(final_digests)) != 1:
             raise RuntimeError(f"the ranks hold different fine-tuned LMs: {final_digests}")
         if main:
-            fe.export_finetuned_model(paths.model_dir, Path(hparams["output_folder"]) / "finetuned_model",
-                                      tuned_lm)
+            fe.export_finetuned_model(
+                paths.model_dir, Path(hparams["output_folder"]) / "finetuned_model", tuned_lm
+            )
 
         # 8. After: perplexities, then the test set through both evaluation paths.
         STAGE["now"] = "evaluation with the fine-tuned LM"
@@ -167,43 +200,62 @@ def run(hparams_file, run_opts, overrides):
         }
         reports = {}
         if hparams["evaluate_finetuned"]:
-            reports["brain"] = brain.decode_test_set(test_set, test_kwargs, eval_dir,
-                                                     "test_finetuned_brain")
+            reports["brain"] = brain.decode_test_set(
+                test_set, test_kwargs, eval_dir, "test_finetuned_brain"
+            )
             if hparams["interface_readers"]:
                 asr = fe.load_interface(
-                    hparams["interface_source"], Path(hparams["output_folder"]) / "interface",
-                    hparams["decoding_overrides"], run_opts.device, lm_state=tuned_lm,
+                    hparams["interface_source"],
+                    Path(hparams["output_folder"]) / "interface",
+                    hparams["decoding_overrides"],
+                    run_opts.device,
+                    lm_state=tuned_lm,
                 )
                 for reader in hparams["interface_readers"]:
                     reports[f"interface_{reader}"] = fe.interface_evaluation(
-                        asr, test_entries, reader, hparams["test_batch_size"],
-                        brain.ddp_eval_group, eval_dir, f"test_finetuned_interface_{reader}",
+                        asr,
+                        test_entries,
+                        reader,
+                        hparams["test_batch_size"],
+                        brain.ddp_eval_group,
+                        eval_dir,
+                        f"test_finetuned_interface_{reader}",
                     )
         timings["finetuned_eval_s"] = time.time() - t
 
         # 9. Checks: frozen ASR on every rank, LM moved, paths agree.
         STAGE["now"] = "the final checks"
         frozen_after = brain.frozen_digests()
-        per_rank = exchange({"rank": rank, "before": frozen_before, "after": frozen_after},
-                            group=brain.ddp_eval_group, what="frozen check")
+        per_rank = exchange(
+            {"rank": rank, "before": frozen_before, "after": frozen_after},
+            group=brain.ddp_eval_group,
+            what="frozen check",
+        )
         results["frozen"] = {
             "unchanged_on_every_rank": all(r["before"] == r["after"] for r in per_rank),
             "ranks_agree": all(r["after"] == per_rank[0]["after"] for r in per_rank),
             "per_rank": per_rank,
         }
-        results["lm"] = {"base_digest": base_digest, "finetuned_digest": final_digests[0],
-                         "changed": final_digests[0] != base_digest,
-                         "max_abs_change": max(float((tuned_lm[k].float() - base_lm[k].float())
-                                                     .abs().max()) for k in base_lm)}
+        results["lm"] = {
+            "base_digest": base_digest,
+            "finetuned_digest": final_digests[0],
+            "changed": final_digests[0] != base_digest,
+            "max_abs_change": max(
+                float((tuned_lm[k].float() - base_lm[k].float()).abs().max()) for k in base_lm
+            ),
+        }
         results["epochs"] = brain.epoch_records
         if reports:
             identical, differing = fe.compare_hypotheses(reports)
             results["wer"].update({f"finetuned_{name}": r.wer for name, r in reports.items()})
             results["paths"] = {
-                "identical_hypotheses": identical, "differing_ids": differing,
+                "identical_hypotheses": identical,
+                "differing_ids": differing,
                 "utterances": len(reports["brain"].stats.scores),
-                "jiwer_wer": {name: fe.jiwer_wer(r.files["utterances"]) if main else None
-                              for name, r in reports.items()},
+                "jiwer_wer": {
+                    name: fe.jiwer_wer(r.files["utterances"]) if main else None
+                    for name, r in reports.items()
+                },
                 "files": {name: r.files for name, r in reports.items()},
                 "per_rank": {name: r.per_rank for name, r in reports.items()},
             }
@@ -217,7 +269,9 @@ def run(hparams_file, run_opts, overrides):
         if not results["lm"]["changed"]:
             problems.append("the LM did not change")
         if reports and not results["paths"]["identical_hypotheses"]:
-            problems.append(f"evaluation paths disagree on {results['paths']['differing_ids'][:10]}")
+            problems.append(
+                f"evaluation paths disagree on {results['paths']['differing_ids'][:10]}"
+            )
         if problems:
             raise RuntimeError("; ".join(problems))
         return results
@@ -227,28 +281,41 @@ def print_summary(results):
     ppl, wer = results["perplexity"], results["wer"]
     lines = [f"== Summary: {results['profile']} profile, world size {results['world_size']} =="]
     for key in ("target_valid", "general_valid"):
-        lines.append(f"LM perplexity ({key.replace('_', ' ')}): base {ppl['base'][key]:.3f}"
-                     f" -> fine-tuned {ppl['finetuned'][key]:.3f}")
+        lines.append(
+            f"LM perplexity ({key.replace('_', ' ')}): base {ppl['base'][key]:.3f}"
+            f" -> fine-tuned {ppl['finetuned'][key]:.3f}"
+        )
     if "base_lm" in wer and "finetuned_brain" in wer:
         before, after = wer["base_lm"], wer["finetuned_brain"]
         rel = 100.0 * (before - after) / before if before else float("nan")
-        lines.append(f"Target-domain test WER: base LM {before:.2f}% -> fine-tuned LM {after:.2f}%"
-                     f" ({rel:.1f}% relative reduction)")
+        lines.append(
+            f"Target-domain test WER: base LM {before:.2f}% -> fine-tuned LM {after:.2f}%"
+            f" ({rel:.1f}% relative reduction)"
+        )
     if "paths" in results:
         p = results["paths"]
-        wers = ", ".join(f"{k[len('finetuned_'):]} {v:.2f}%" for k, v in wer.items()
-                         if k.startswith("finetuned_"))
-        lines.append(f"Evaluation paths ({wers}): identical hypotheses for all {p['utterances']}"
-                     f" utterances: {p['identical_hypotheses']}; jiwer on the merged files: "
-                     + ", ".join("n/a" if v is None else f"{v:.2f}%" for v in p["jiwer_wer"].values()))
+        wers = ", ".join(
+            f"{k[len('finetuned_') :]} {v:.2f}%"
+            for k, v in wer.items()
+            if k.startswith("finetuned_")
+        )
+        lines.append(
+            f"Evaluation paths ({wers}): identical hypotheses for all {p['utterances']}"
+            f" utterances: {p['identical_hypotheses']}; jiwer on the merged files: "
+            + ", ".join("n/a" if v is None else f"{v:.2f}%" for v in p["jiwer_wer"].values())
+        )
     frozen = results["frozen"]
-    lines.append(f"ASR frozen (parameter/buffer digests unchanged on every rank):"
-                 f" {frozen['unchanged_on_every_rank']}; LM changed: {results['lm']['changed']}"
-                 f" (max |delta| {results['lm']['max_abs_change']:.3g})")
+    lines.append(
+        f"ASR frozen (parameter/buffer digests unchanged on every rank):"
+        f" {frozen['unchanged_on_every_rank']}; LM changed: {results['lm']['changed']}"
+        f" (max |delta| {results['lm']['max_abs_change']:.3g})"
+    )
     for record in results["epochs"]:
-        lines.append(f"epoch {record['epoch']}: train ppl {record['train_perplexity']:.3f},"
-                     f" valid ppl {record.get('valid_perplexity', float('nan')):.3f},"
-                     f" LM identical on all ranks: {record['ranks_identical']}")
+        lines.append(
+            f"epoch {record['epoch']}: train ppl {record['train_perplexity']:.3f},"
+            f" valid ppl {record.get('valid_perplexity', float('nan')):.3f},"
+            f" LM identical on all ranks: {record['ranks_identical']}"
+        )
     print("\n".join(lines), flush=True)
 
 
@@ -267,8 +334,12 @@ def main(argv=None):
     if "--distributed_launch" in argv:
         argv.remove("--distributed_launch")
     if any(v is not None for v in launched) and os.environ.get("RANK", "0") == "0":
-        print("note: torch.distributed.launch is deprecated; the same run is "
-              "torchrun --nproc_per_node=<N> finetune.py finetune.yaml ...", file=sys.stderr, flush=True)
+        print(
+            "note: torch.distributed.launch is deprecated; the same run is "
+            "torchrun --nproc_per_node=<N> finetune.py finetune.yaml ...",
+            file=sys.stderr,
+            flush=True,
+        )
     hparams_file, run_opts, overrides = sb.parse_arguments(argv)
     run_opts = lf.setup_run(run_opts)
     rank = os.environ.get("RANK", "0")
@@ -288,8 +359,12 @@ def main(argv=None):
             # A rank stalled or died: find which before saying so.
             missing = [r for r in lf.failure_barrier() if r >= 0]
             who = f"rank {', '.join(map(str, missing))}" if missing else "another rank"
-            print(f"rank {rank}: ERROR: {who} stopped answering during {STAGE['now']}: a collective "
-                  f"waited past collective_timeout_s ({type(exc).__name__}: {exc})", file=sys.stderr, flush=True)
+            print(
+                f"rank {rank}: ERROR: {who} stopped answering during {STAGE['now']}: a collective "
+                f"waited past collective_timeout_s ({type(exc).__name__}: {exc})",
+                file=sys.stderr,
+                flush=True,
+            )
         else:
             print(f"rank {rank}: ERROR: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
             lf.failure_barrier()

@@ -29,12 +29,12 @@ import sys
 import time
 from pathlib import Path
 
-import sbtemplate  # noqa: F401 - first: sets the thread wait policy before torch starts
 import speechbrain as sb
 import torch
 from hyperpyyaml import load_hyperpyyaml
 from speechbrain.utils.distributed import run_on_main
 
+import sbtemplate  # noqa: F401 - first: sets the thread wait policy before torch starts
 from sbtemplate import fetching, run_lock
 from sbtemplate.audio_check import AudioFormatError, check_audio_format
 from sbtemplate.config_checks import ConfigError, check_override_types
@@ -77,7 +77,9 @@ class SLU(sb.Brain):
 
         hyps = None
         if stage != sb.Stage.TRAIN:
-            hyps, _, _, _ = self.hparams.beam_searcher(encoded, rel_lens, enc_lens=abs_lens.to(self.device))
+            hyps, _, _, _ = self.hparams.beam_searcher(
+                encoded, rel_lens, enc_lens=abs_lens.to(self.device)
+            )
         return p_seq, hyps, transcripts
 
     def corrupt(self, token_lists):
@@ -109,7 +111,9 @@ class SLU(sb.Brain):
             self.semantics_metric.append(batch.id, predicted, targets)
             if stage == sb.Stage.TEST:
                 references = [w.split() for w in batch.words]
-                self.transcripts_metric.append(batch.id, [t.split() for t in transcripts], references)
+                self.transcripts_metric.append(
+                    batch.id, [t.split() for t in transcripts], references
+                )
                 for uid, text, pred in zip(batch.id, transcripts, predicted):
                     self.test_outputs[uid] = {"transcript": text, "semantics": " ".join(pred)}
         return loss
@@ -144,12 +148,14 @@ class SLU(sb.Brain):
                 train_stats=self.train_stats,
                 valid_stats=stats,
             )
-            self.history.append({
-                "epoch": epoch,
-                "train_loss": float(self.train_stats["loss"]),
-                "valid_loss": float(stage_loss),
-                "valid_semantic_accuracy": stats["semantic_accuracy"],
-            })
+            self.history.append(
+                {
+                    "epoch": epoch,
+                    "train_loss": float(self.train_stats["loss"]),
+                    "valid_loss": float(stage_loss),
+                    "valid_semantic_accuracy": stats["semantic_accuracy"],
+                }
+            )
             self.checkpointer.save_and_keep_only(meta={"SER": stats["SER"]}, min_keys=["SER"])
         else:
             stats["WER"] = self.transcripts_metric.summarize("error_rate")
@@ -210,10 +216,17 @@ def dataio_prepare(hparams, asr_tokenizer):
         path=hparams["label_encoder_file"],
         from_didatasets=[datasets["train"]],
         output_key="semantics_list",
-        special_labels={"bos_label": hparams["bos_index"], "eos_label": hparams["eos_index"], "unk_label": "<unk>"},
+        special_labels={
+            "bos_label": hparams["bos_index"],
+            "eos_label": hparams["eos_index"],
+            "unk_label": "<unk>",
+        },
         sequence_input=True,
     )
-    if (label_encoder.get_bos_index(), label_encoder.get_eos_index()) != (hparams["bos_index"], hparams["eos_index"]):
+    if (label_encoder.get_bos_index(), label_encoder.get_eos_index()) != (
+        hparams["bos_index"],
+        hparams["eos_index"],
+    ):
         raise ValueError("bos_index/eos_index of the YAML disagree with the label encoder")
     if len(label_encoder) > hparams["output_neurons"]:
         raise ValueError(
@@ -222,7 +235,9 @@ def dataio_prepare(hparams, asr_tokenizer):
         )
 
     text_keys = ["id", "words", "semantics", "semantics_bos", "semantics_eos"]
-    sb.dataio.dataset.set_output_keys([datasets["train"], datasets["valid"]], text_keys + ["asr_tokens"])
+    sb.dataio.dataset.set_output_keys(
+        [datasets["train"], datasets["valid"]], text_keys + ["asr_tokens"]
+    )
     sb.dataio.dataset.set_output_keys([datasets["test"]], text_keys + ["sig"])
     return datasets, label_encoder
 
@@ -243,7 +258,9 @@ def main(argv=None):
     torch.set_flush_denormal(True)
     # 1. Arguments and hyperparameters. The YAML refers to the Hub endpoint
     # and the URL base, so it is loaded once the servers run.
-    hparams_file, run_opts, overrides = parse_recipe_arguments(sys.argv[1:] if argv is None else argv)
+    hparams_file, run_opts, overrides = parse_recipe_arguments(
+        sys.argv[1:] if argv is None else argv
+    )
     try:
         check_override_types(hparams_file, overrides)
     except ConfigError as error:
@@ -266,15 +283,20 @@ def main(argv=None):
             logger.info("Fetching from %s", endpoints.describe())
 
             # 2. Data preparation (semantics serialised as the decoder's target).
-            run_on_main(prepare_slu_data, kwargs={
-                "manifests_folder": hparams["manifests_folder"],
-                "save_folder": hparams["data_folder"],
-            })
+            run_on_main(
+                prepare_slu_data,
+                kwargs={
+                    "manifests_folder": hparams["manifests_folder"],
+                    "save_folder": hparams["data_folder"],
+                },
+            )
 
             # 3. Fetch: the recognizer from the Hub, LM and tokenizer from
             # URLs, normalizer from a local folder.
             del fetching.fetch_log[:]
-            asr = hparams["asr_model"](run_opts={"device": run_opts.get("device", hparams["asr_device"])})
+            asr = hparams["asr_model"](
+                run_opts={"device": run_opts.get("device", hparams["asr_device"])}
+            )
             fetched = fetched_sources(fetching.fetch_log)
     except fetching.FetchError as error:
         print(f"\nFETCH FAILED: {error}", file=sys.stderr)
@@ -291,8 +313,11 @@ def main(argv=None):
     # Every test file decodable, at the recognizer's sample rate and mono,
     # before any training.
     try:
-        check_audio_format(datasets["test"].data, Path(hparams["data_folder"]) / "test.json",
-                           asr.audio_normalizer.sample_rate)
+        check_audio_format(
+            datasets["test"].data,
+            Path(hparams["data_folder"]) / "test.json",
+            asr.audio_normalizer.sample_rate,
+        )
     except AudioFormatError as error:
         print(f"\nCANNOT RUN: {error}", file=sys.stderr)
         return 2
@@ -336,8 +361,18 @@ def main(argv=None):
         "test_utterances": list(outputs),
         "transcripts": {uid: o["transcript"] for uid, o in outputs.items()},
         "semantics": {uid: o["semantics"] for uid, o in outputs.items()},
-        "wer": {k: details[k] for k in ("WER", "SER", "num_edits", "num_scored_tokens", "insertions",
-                                         "deletions", "substitutions")},
+        "wer": {
+            k: details[k]
+            for k in (
+                "WER",
+                "SER",
+                "num_edits",
+                "num_scored_tokens",
+                "insertions",
+                "deletions",
+                "substitutions",
+            )
+        },
         "fetched": fetched,
         "seconds": round(time.monotonic() - started, 1),
     }

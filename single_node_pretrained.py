@@ -33,14 +33,20 @@ from sbtemplate.profiles import profile_names
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--profile", default="full", choices=profile_names())
-    parser.add_argument("--artifacts", help="artefacts root (default: SBTEMPLATE_ARTIFACTS or ./artifacts)")
+    parser.add_argument(
+        "--artifacts", help="artefacts root (default: SBTEMPLATE_ARTIFACTS or ./artifacts)"
+    )
     parser.add_argument("--fetch_endpoints", default="loopback", choices=fetching.ENDPOINT_MODES)
     parser.add_argument("--public_hub_endpoint", default=fetching.PUBLIC_HUB_ENDPOINT)
     parser.add_argument("--repo_id", default=REPO_ID, help="Hub repo of the recognizer")
-    parser.add_argument("--example", help="example audio file in the repo (default: the first one listed)")
+    parser.add_argument(
+        "--example", help="example audio file in the repo (default: the first one listed)"
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--cache_dir", help="fetch cache (default: <profile>/fetch-cache)")
-    parser.add_argument("--savedir", help="savedir of case 2 (default: <profile>/pretrained_models/<repo>)")
+    parser.add_argument(
+        "--savedir", help="savedir of case 2 (default: <profile>/pretrained_models/<repo>)"
+    )
     parser.add_argument("--offline", action="store_true", help="fetch from the cache only")
     parser.add_argument("-v", "--verbose", action="store_true")
     return parser.parse_args(argv)
@@ -64,11 +70,15 @@ def example_audio(repo_id, wanted):
     """The example audio to transcribe, chosen from the repo's manifest."""
     from speechbrain.utils.fetching import FetchFrom, FetchSource, fetch
 
-    manifest = json.loads(Path(fetch("manifest.json", FetchSource(FetchFrom.HUGGING_FACE, repo_id))).read_text())
+    manifest = json.loads(
+        Path(fetch("manifest.json", FetchSource(FetchFrom.HUGGING_FACE, repo_id))).read_text()
+    )
     wavs = sorted(name for name in manifest if name.endswith(AUDIO_SUFFIXES))
     if wanted:
         if wanted not in manifest:
-            raise SystemExit(f"{wanted} is not published in {repo_id} (have: {', '.join(wavs) or 'no audio'})")
+            raise SystemExit(
+                f"{wanted} is not published in {repo_id} (have: {', '.join(wavs) or 'no audio'})"
+            )
         return wanted, manifest
     if not wavs:
         raise SystemExit(f"{repo_id} publishes no example audio")
@@ -105,12 +115,18 @@ def run_checks(args, paths):
     def new_records(start):
         return fetching.fetch_log[start:]
 
-    print(f"\n== Case 1: from_hparams(FetchSource(HUGGING_FACE, {repo!r})), download_only, then load")
+    print(
+        f"\n== Case 1: from_hparams(FetchSource(HUGGING_FACE, {repo!r})), download_only, then load"
+    )
     start = len(fetching.fetch_log)
-    EncoderDecoderASR.from_hparams(source=FetchSource(FetchFrom.HUGGING_FACE, repo), download_only=True)
+    EncoderDecoderASR.from_hparams(
+        source=FetchSource(FetchFrom.HUGGING_FACE, repo), download_only=True
+    )
     downloaded = new_records(start)
     start = len(fetching.fetch_log)
-    asr = EncoderDecoderASR.from_hparams(source=FetchSource(FetchFrom.HUGGING_FACE, repo), run_opts=run_opts)
+    asr = EncoderDecoderASR.from_hparams(
+        source=FetchSource(FetchFrom.HUGGING_FACE, repo), run_opts=run_opts
+    )
     loaded = new_records(start)
     start = len(fetching.fetch_log)
     text_1 = asr.transcribe_file(FetchSource(FetchFrom.HUGGING_FACE, f"{repo}/{wav}"))
@@ -123,9 +139,15 @@ def run_checks(args, paths):
         problems.append("loading after download_only downloaded again")
     print(f"  transcript: {text_1!r}")
 
-    savedir = Path(args.savedir) if args.savedir else paths.root / "pretrained_models" / repo.split("/")[-1]
+    savedir = (
+        Path(args.savedir)
+        if args.savedir
+        else paths.root / "pretrained_models" / repo.split("/")[-1]
+    )
     guessed = guess_source(repo)[0]
-    print(f"\n== Case 2: from_hparams({repo!r}) (a plain string, taken as {guessed.name}), savedir={savedir}")
+    print(
+        f"\n== Case 2: from_hparams({repo!r}) (a plain string, taken as {guessed.name}), savedir={savedir}"
+    )
     start = len(fetching.fetch_log)
     asr_2 = EncoderDecoderASR.from_hparams(source=repo, savedir=str(savedir), run_opts=run_opts)
     text_2 = asr_2.transcribe_file(f"{repo}/{wav}", savedir=str(savedir))
@@ -148,7 +170,9 @@ def main(argv=None):
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
     # SpeechBrain sets its loggers' level from SB_LOG_LEVEL when it is imported.
-    os.environ["SB_LOG_LEVEL"] = "INFO" if args.verbose else os.environ.get("SB_LOG_LEVEL", "WARNING")
+    os.environ["SB_LOG_LEVEL"] = (
+        "INFO" if args.verbose else os.environ.get("SB_LOG_LEVEL", "WARNING")
+    )
     root = Path(args.artifacts) if args.artifacts else None
     paths = ProfilePaths.for_profile(args.profile, root=root)
     if args.fetch_endpoints == "loopback" and not paths.local_repo.is_dir():

@@ -54,5 +54,6 @@ def check_audio_format(entries, manifest, sample_rate, channels=1):
             f"{len(problems)} of {len(entries)} audio files listed in {manifest} cannot be used "
             f"(expected {sample_rate} Hz {want}; convert them first, e.g. "
             f"sox in.wav -r {sample_rate} -c {channels} out.wav):\n  "
-            + "\n  ".join(problems[:SHOWN]) + more
+            + "\n  ".join(problems[:SHOWN])
+            + more
         )

@@ -15,7 +15,6 @@ import random
 from pathlib import Path
 
 import numpy as np
-
 import sentencepiece as spm
 import speechbrain as sb
 import torch
@@ -210,14 +209,17 @@ class ASRBrain(sb.core.Brain):
         for name, module in self.modules.items():
             if any(p.requires_grad for p in module.parameters()):
                 self.modules[name] = DistributedDataParallel(
-                    module, find_unused_parameters=self.find_unused_parameters)
+                    module, find_unused_parameters=self.find_unused_parameters
+                )
 
     def compute_forward(self, batch, stage):
         batch = batch.to(self.device)
         wavs, wav_lens = batch.sig
         tokens_bos, _ = batch.tokens_bos
         if stage == sb.Stage.TRAIN:
-            wavs = self.hparams.augment(wavs, wav_lens)[0] if self.hparams.augment_prob > 0 else wavs
+            wavs = (
+                self.hparams.augment(wavs, wav_lens)[0] if self.hparams.augment_prob > 0 else wavs
+            )
             wavs, wav_lens = pad_to_multiple(wavs, wav_lens, self.hparams.pad_to_multiple)
         feats = self.hparams.compute_features(wavs)
         feats = self.modules.normalize(feats, wav_lens)
@@ -309,12 +311,21 @@ def train_asr(job):
         hparams = load_hyperpyyaml(handle, job["overrides"])
     tokenizer = load_tokenizer(job["tokenizer"])
     datasets = asr_datasets(hparams, tokenizer)
-    brain = ASRBrain(modules=hparams["modules"], opt_class=hparams["opt_class"],
-                     hparams=hparams, run_opts=run_opts, checkpointer=hparams["checkpointer"])
+    brain = ASRBrain(
+        modules=hparams["modules"],
+        opt_class=hparams["opt_class"],
+        hparams=hparams,
+        run_opts=run_opts,
+        checkpointer=hparams["checkpointer"],
+    )
     brain.tokenizer = tokenizer
-    brain.fit(hparams["epoch_counter"], datasets["train"], datasets["valid"],
-              train_loader_kwargs=hparams["train_dataloader_opts"],
-              valid_loader_kwargs=hparams["valid_dataloader_opts"])
+    brain.fit(
+        hparams["epoch_counter"],
+        datasets["train"],
+        datasets["valid"],
+        train_loader_kwargs=hparams["train_dataloader_opts"],
+        valid_loader_kwargs=hparams["valid_dataloader_opts"],
+    )
     stats = dict(brain.last_stats)
     if distributed:
         # DDP keeps replicas identical only if every rank saw the same

@@ -22,8 +22,8 @@ import sys
 import time
 from pathlib import Path
 
-from sbtemplate.profiles import profile_names
 from sbtemplate.paths import ProfilePaths
+from sbtemplate.profiles import profile_names
 
 
 def _section(title, body):
@@ -44,8 +44,12 @@ def _plots(figures, out):
         for variant, style in (("stock", "o--"), ("padding_invariant", "s-")):
             if variant in test_set["wer"]:
                 wer = test_set["wer"][variant]
-                ax.plot(range(len(names)), [wer[n]["WER"] for n in names], style,
-                        label=variant.replace("_", "-"))
+                ax.plot(
+                    range(len(names)),
+                    [wer[n]["WER"] for n in names],
+                    style,
+                    label=variant.replace("_", "-"),
+                )
         ax.set_xticks(range(len(names)), [n.replace("_", "\n") for n in names])
         ax.set_ylabel("WER (%)")
         ax.set_title(f"WER against batching ({test_set['utterances']} utterances)")
@@ -58,7 +62,9 @@ def _plots(figures, out):
     if batching:
         fig, ax = plt.subplots(figsize=(5, 3.2))
         names = ["fixed", "dynamic"]
-        ax.bar(names, [100 * batching[n]["padding_fraction"] for n in names], color=["#999", "#37a"])
+        ax.bar(
+            names, [100 * batching[n]["padding_fraction"] for n in names], color=["#999", "#37a"]
+        )
         ax.set_ylabel("padding (% of batch tokens)")
         ax.set_title("LM fine-tuning batches: fixed vs dynamic")
         fig.tight_layout()
@@ -94,43 +100,78 @@ def run(profile="full", out="results", max_utterances=60, threads=1, repeats=3):
     if results:
         figures["finetune_run"] = json.loads(results[-1].read_text())
 
-    timed("padding", lambda: padding.run(profile=profile, max_utterances=max_utterances,
-                                         threads=threads, repeats=repeats))
+    timed(
+        "padding",
+        lambda: padding.run(
+            profile=profile, max_utterances=max_utterances, threads=threads, repeats=repeats
+        ),
+    )
     timed("finetune", lambda: finetune.run(profile=profile, threads=threads))
-    timed("ddp_eval", lambda: ddp_eval.run(
-        ranks=(1, 2), model_dir=paths.model_dir, manifest=paths.manifests / "test.json",
-        data_root=paths.corpus / "LibriSpeech", n_utterances=min(max_utterances, 40),
-        batch_size=8, threads_per_rank=threads, work_dir=str(out / "ddp_eval_work")))
+    timed(
+        "ddp_eval",
+        lambda: ddp_eval.run(
+            ranks=(1, 2),
+            model_dir=paths.model_dir,
+            manifest=paths.manifests / "test.json",
+            data_root=paths.corpus / "LibriSpeech",
+            n_utterances=min(max_utterances, 40),
+            batch_size=8,
+            threads_per_rank=threads,
+            work_dir=str(out / "ddp_eval_work"),
+        ),
+    )
     figures["seconds"] = seconds
 
     if "build" in figures:
         wer = figures["build"]["wer"]
-        sections.append(_section(
-            "Base recognizer (beam search + RNNLM)",
-            f"| test set | WER |\n|---|---|\n| general domain | {wer['test_general']:.2f}% |\n"
-            f"| target domain | {wer['test']:.2f}% |\n\nBuild stage seconds: "
-            + ", ".join(f"{k} {v:.0f}" if v is not None else f"{k} ?"
-                        for k, v in figures["build"]["seconds"].items())))
+        sections.append(
+            _section(
+                "Base recognizer (beam search + RNNLM)",
+                f"| test set | WER |\n|---|---|\n| general domain | {wer['test_general']:.2f}% |\n"
+                f"| target domain | {wer['test']:.2f}% |\n\nBuild stage seconds: "
+                + ", ".join(
+                    f"{k} {v:.0f}" if v is not None else f"{k} ?"
+                    for k, v in figures["build"]["seconds"].items()
+                ),
+            )
+        )
     if "finetune_run" in figures:
         res = figures["finetune_run"]
         ppl = res["perplexity"]
-        sections.append(_section(
-            f"LM fine-tuning (last run: world size {res['world_size']}, {res.get('device')})",
-            "| | base LM | fine-tuned LM |\n|---|---|---|\n"
-            f"| target-domain valid perplexity | {ppl['base']['target_valid']:.3f} | {ppl['finetuned']['target_valid']:.3f} |\n"
-            f"| target-domain test WER | {res['wer'].get('base_lm', float('nan')):.2f}% | "
-            f"{res['wer'].get('finetuned_brain', float('nan')):.2f}% |"))
-    sections.append(_section("Decoding: padding-invariant against stock, every batching",
-                             "```\n" + padding.format_table(figures["padding"]) + "\n```"))
-    sections.append(_section("LM-only fine-tuning cost and dynamic batching",
-                             finetune.format_table(figures["finetune"])))
-    sections.append(_section("Sharded evaluation, 2 ranks against 1",
-                             ddp_eval.format_table(figures["ddp_eval"])))
+        sections.append(
+            _section(
+                f"LM fine-tuning (last run: world size {res['world_size']}, {res.get('device')})",
+                "| | base LM | fine-tuned LM |\n|---|---|---|\n"
+                f"| target-domain valid perplexity | {ppl['base']['target_valid']:.3f} | {ppl['finetuned']['target_valid']:.3f} |\n"
+                f"| target-domain test WER | {res['wer'].get('base_lm', float('nan')):.2f}% | "
+                f"{res['wer'].get('finetuned_brain', float('nan')):.2f}% |",
+            )
+        )
+    sections.append(
+        _section(
+            "Decoding: padding-invariant against stock, every batching",
+            "```\n" + padding.format_table(figures["padding"]) + "\n```",
+        )
+    )
+    sections.append(
+        _section(
+            "LM-only fine-tuning cost and dynamic batching",
+            finetune.format_table(figures["finetune"]),
+        )
+    )
+    sections.append(
+        _section(
+            "Sharded evaluation, 2 ranks against 1", ddp_eval.format_table(figures["ddp_eval"])
+        )
+    )
     plots = _plots(figures, out)
-    report = [f"# Suite report ({profile} profile)\n",
-              f"Generated by `python -m sbtemplate.bench --profile {profile}` on "
-              f"{os.cpu_count()} CPU cores; benchmark seconds: "
-              + ", ".join(f"{k} {v}" for k, v in seconds.items()) + ".\n"]
+    report = [
+        f"# Suite report ({profile} profile)\n",
+        f"Generated by `python -m sbtemplate.bench --profile {profile}` on "
+        f"{os.cpu_count()} CPU cores; benchmark seconds: "
+        + ", ".join(f"{k} {v}" for k, v in seconds.items())
+        + ".\n",
+    ]
     report += sections
     report += [f"![{p}]({p})\n" for p in plots]
     (out / "report.md").write_text("\n".join(report))
@@ -143,11 +184,19 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--profile", default="full", choices=profile_names())
     parser.add_argument("--out", default="results", help="report folder")
-    parser.add_argument("--max-utterances", type=int, default=60,
-                        help="test utterances decoded by the padding and DDP benchmarks")
+    parser.add_argument(
+        "--max-utterances",
+        type=int,
+        default=60,
+        help="test utterances decoded by the padding and DDP benchmarks",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
-    parser.add_argument("--repeats", type=int, default=3,
-                        help="timed runs of each decoding (median and spread reported)")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="timed runs of each decoding (median and spread reported)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     run(args.profile, args.out, args.max_utterances, args.threads, args.repeats)

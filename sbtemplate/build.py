@@ -149,15 +149,21 @@ def build_tokenizer(paths, cfg):
     def work(tmp):
         train_tokenizer(tmp, read_text_lines(paths.manifests / "lm_train.txt"), vocab)
 
-    folder = _stage(paths.root / "tokenizer", {"corpus": cfg["corpus"], "tok": cfg["tokenizer"], "v": 2}, work)
+    folder = _stage(
+        paths.root / "tokenizer", {"corpus": cfg["corpus"], "tok": cfg["tokenizer"], "v": 2}, work
+    )
     return folder / f"{vocab}_unigram.model"
 
 
 def _lm_sizes(cfg):
-    return {k: v for k, v in cfg["recognizer"].items() if k.startswith("lm_") or k == "output_neurons"}
+    return {
+        k: v for k, v in cfg["recognizer"].items() if k.startswith("lm_") or k == "output_neurons"
+    }
 
 
-def _train_lm(tmp, profile, training, tokenizer_file, annotations, read_sentences, out_name, init_lm=None):
+def _train_lm(
+    tmp, profile, training, tokenizer_file, annotations, read_sentences, out_name, init_lm=None
+):
     """SpeechBrain's LM recipe (base_lm.yaml + LMBrain) on a train and a valid file.
 
     ``init_lm``: a checkpoint to start from instead of the seeded initialisation.
@@ -167,33 +173,59 @@ def _train_lm(tmp, profile, training, tokenizer_file, annotations, read_sentence
 
     seed_everything(SEED)
     hparams = _load_hparams(
-        "base_lm.yaml", profile, **training, output_folder=str(tmp), train_annotation=str(annotations[0]),
+        "base_lm.yaml",
+        profile,
+        **training,
+        output_folder=str(tmp),
+        train_annotation=str(annotations[0]),
         valid_annotation=str(annotations[1]),
     )
     if init_lm is not None:
         hparams["model"].load_state_dict(torch.load(init_lm, map_location="cpu"))
     tokenizer = load_tokenizer(tokenizer_file)
     train, valid = (
-        lm_text_dataset(read_sentences(hparams[key]), tokenizer, hparams["bos_index"], hparams["eos_index"])
+        lm_text_dataset(
+            read_sentences(hparams[key]), tokenizer, hparams["bos_index"], hparams["eos_index"]
+        )
         for key in ("train_annotation", "valid_annotation")
     )
-    brain = LMBrain(modules=hparams["modules"], opt_class=hparams["opt_class"],
-                    hparams=hparams, run_opts=_run_opts(), checkpointer=hparams["checkpointer"])
-    brain.fit(hparams["epoch_counter"], train, valid,
-              train_loader_kwargs=hparams["train_dataloader_opts"],
-              valid_loader_kwargs=hparams["valid_dataloader_opts"])
+    brain = LMBrain(
+        modules=hparams["modules"],
+        opt_class=hparams["opt_class"],
+        hparams=hparams,
+        run_opts=_run_opts(),
+        checkpointer=hparams["checkpointer"],
+    )
+    brain.fit(
+        hparams["epoch_counter"],
+        train,
+        valid,
+        train_loader_kwargs=hparams["train_dataloader_opts"],
+        valid_loader_kwargs=hparams["valid_dataloader_opts"],
+    )
     hparams["checkpointer"].recover_if_possible(min_key="loss")
     torch.save(hparams["model"].state_dict(), tmp / out_name)
     (tmp / "lm_valid.json").write_text(json.dumps(brain.last_stats))
 
 
 def build_lm(paths, cfg, tokenizer_file):
-    fingerprint = {"corpus": cfg["corpus"], "tok": cfg["tokenizer"], "lm": cfg["lm"], "model": _lm_sizes(cfg)}
+    fingerprint = {
+        "corpus": cfg["corpus"],
+        "tok": cfg["tokenizer"],
+        "lm": cfg["lm"],
+        "model": _lm_sizes(cfg),
+    }
 
     def work(tmp):
-        _train_lm(tmp, paths.profile, cfg["lm"], tokenizer_file,
-                  (paths.manifests / "lm_train.txt", paths.manifests / "lm_valid.txt"),
-                  read_text_lines, "lm.ckpt")
+        _train_lm(
+            tmp,
+            paths.profile,
+            cfg["lm"],
+            tokenizer_file,
+            (paths.manifests / "lm_train.txt", paths.manifests / "lm_valid.txt"),
+            read_text_lines,
+            "lm.ckpt",
+        )
 
     folder = _stage(paths.root / "lm", fingerprint, work)
     return folder / "lm.ckpt"
@@ -209,13 +241,25 @@ def build_domain_lm(paths, cfg, tokenizer_file, lm_file):
     Published beside the recognizer's own LM (``DOMAIN_LM_FILE``), as a provider
     publishes a domain LM for a recognizer; the SLU recipe fetches it from a URL.
     """
-    fingerprint = {"corpus": cfg["corpus"], "tok": cfg["tokenizer"], "lm": cfg["lm"],
-                   "domain_lm": cfg["domain_lm"], "model": _lm_sizes(cfg)}
+    fingerprint = {
+        "corpus": cfg["corpus"],
+        "tok": cfg["tokenizer"],
+        "lm": cfg["lm"],
+        "domain_lm": cfg["domain_lm"],
+        "model": _lm_sizes(cfg),
+    }
 
     def work(tmp):
-        _train_lm(tmp, paths.profile, cfg["domain_lm"], tokenizer_file,
-                  (paths.manifests / "target_lm_train.json", paths.manifests / "target_lm_valid.json"),
-                  _words_of, DOMAIN_LM_FILE, init_lm=lm_file)
+        _train_lm(
+            tmp,
+            paths.profile,
+            cfg["domain_lm"],
+            tokenizer_file,
+            (paths.manifests / "target_lm_train.json", paths.manifests / "target_lm_valid.json"),
+            _words_of,
+            DOMAIN_LM_FILE,
+            init_lm=lm_file,
+        )
 
     folder = _stage(paths.root / "domain_lm", fingerprint, work)
     return folder / DOMAIN_LM_FILE
@@ -224,18 +268,28 @@ def build_domain_lm(paths, cfg, tokenizer_file, lm_file):
 def build_asr(paths, cfg, tokenizer_file):
     from sbtemplate.base_recognizer import train_asr
 
-    sizes = {k: v for k, v in cfg["recognizer"].items()
-             if not k.startswith("lm_") and k not in DECODING_KEYS}
-    fingerprint = {"corpus": cfg["corpus"], "tok": cfg["tokenizer"], "asr": cfg["asr"], "model": sizes,
-                   "architecture": ARCHITECTURE_VERSION}
+    sizes = {
+        k: v
+        for k, v in cfg["recognizer"].items()
+        if not k.startswith("lm_") and k not in DECODING_KEYS
+    }
+    fingerprint = {
+        "corpus": cfg["corpus"],
+        "tok": cfg["tokenizer"],
+        "asr": cfg["asr"],
+        "model": sizes,
+        "architecture": ARCHITECTURE_VERSION,
+    }
     # ``batch_size`` is the utterances per optimiser step; ``ranks`` DDP
     # processes (CPU only) each take an equal share of it.
     ranks = cfg["asr"].get("ranks", 1)
     if torch.cuda.is_available():
         ranks = 1  # one GPU process takes the whole batch
     if cfg["asr"]["batch_size"] % ranks:
-        raise ValueError(f"profile {paths.profile!r}: asr batch_size {cfg['asr']['batch_size']} "
-                         f"is not a multiple of ranks {ranks}")
+        raise ValueError(
+            f"profile {paths.profile!r}: asr batch_size {cfg['asr']['batch_size']} "
+            f"is not a multiple of ranks {ranks}"
+        )
 
     training = {k: v for k, v in cfg["asr"].items() if k != "ranks"}
 
@@ -243,14 +297,18 @@ def build_asr(paths, cfg, tokenizer_file):
         job = {
             "hparams_file": str(HPARAMS_DIR / "base_asr.yaml"),
             "overrides": hparams_overrides(
-                paths.profile, **{**training, "batch_size": cfg["asr"]["batch_size"] // ranks},
+                paths.profile,
+                **{**training, "batch_size": cfg["asr"]["batch_size"] // ranks},
                 output_folder=str(tmp),
                 train_annotation=str(paths.manifests / "train.json"),
                 valid_annotation=str(paths.manifests / "valid.json"),
                 data_root=str(paths.corpus / "LibriSpeech"),
                 noise_annotation=str(paths.manifests / "noise.csv"),
-                rir_annotation=str(paths.manifests / "rir.csv")),
-            "tokenizer": str(tokenizer_file), "out_dir": str(tmp), "seed": SEED,
+                rir_annotation=str(paths.manifests / "rir.csv"),
+            ),
+            "tokenizer": str(tokenizer_file),
+            "out_dir": str(tmp),
+            "seed": SEED,
             "device": _run_opts()["device"],
         }
         # The same JSON in both cases, so one rank and N ranks read identical values.
@@ -273,13 +331,23 @@ def _torchrun_asr(job_file, ranks):
     # plateau, which moved the full profile's WER by several points. Small
     # tensors gain little from more threads (2 threads: 1.3x at batch 4).
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
-           "-m", "sbtemplate.base_recognizer", str(job_file)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={ranks}",
+        "-m",
+        "sbtemplate.base_recognizer",
+        str(job_file),
+    ]
     logger.info("ASR training on %d DDP ranks (gloo): %s", ranks, " ".join(cmd[2:]))
     done = subprocess.run(cmd, env=env)
     if done.returncode != 0:
-        raise RuntimeError(f"ASR training under torchrun failed (exit status {done.returncode}); "
-                           f"job: {job_file}. The ranks' errors are printed above.")
+        raise RuntimeError(
+            f"ASR training under torchrun failed (exit status {done.returncode}); "
+            f"job: {job_file}. The ranks' errors are printed above."
+        )
 
 
 def publish(paths, cfg, tokenizer_file, lm_file, experiment, domain_lm_file):
@@ -335,8 +403,9 @@ def inference_hparams(values, what="the recognizer"):
     document = yaml.load((HPARAMS_DIR / "inference.yaml").read_text())
     block = document["recognizer"]
     if set(block) != set(values):
-        raise KeyError(f"{what}: recognizer keys {sorted(values)} differ from "
-                       f"inference.yaml's {sorted(block)}")
+        raise KeyError(
+            f"{what}: recognizer keys {sorted(values)} differ from inference.yaml's {sorted(block)}"
+        )
     for key in block:
         value = values[key]
         if isinstance(value, tuple):  # written as HyperPyYAML's plain "(a, b)"
@@ -349,9 +418,9 @@ def inference_hparams(values, what="the recognizer"):
 
 def evaluate_base(paths, batch_size=8):
     """WER of the published recognizer (beam search + RNNLM) on both test sets."""
-    from sbtemplate.evaluation import transcribe_manifest
-
     import tempfile
+
+    from sbtemplate.evaluation import transcribe_manifest
 
     report = {}
     # SpeechBrain links the savedir to the model folder by absolute paths:
@@ -360,8 +429,11 @@ def evaluate_base(paths, batch_size=8):
     with tempfile.TemporaryDirectory(dir=paths.root, prefix="evaluating.") as savedir:
         for name in ("test_general", "test"):
             report[name] = transcribe_manifest(
-                paths.model_dir, paths.manifests / f"{name}.json",
-                paths.corpus / "LibriSpeech", savedir=savedir, batch_size=batch_size,
+                paths.model_dir,
+                paths.manifests / f"{name}.json",
+                paths.corpus / "LibriSpeech",
+                savedir=savedir,
+                batch_size=batch_size,
             )
     return report
 
@@ -437,9 +509,11 @@ def _build_stages(paths, force, progress):
     experiment = build_asr(paths, cfg, tokenizer_file)
     timings["asr"] = time.time() - t
     report_file = paths.build_report
-    fingerprint = {**json.loads((experiment / DONE).read_text()),
-                   "domain_lm": json.loads((domain_lm_file.parent / DONE).read_text()),
-                   "recognizer": json.loads(json.dumps(cfg["recognizer"]))}  # as the report holds it
+    fingerprint = {
+        **json.loads((experiment / DONE).read_text()),
+        "domain_lm": json.loads((domain_lm_file.parent / DONE).read_text()),
+        "recognizer": json.loads(json.dumps(cfg["recognizer"])),
+    }  # as the report holds it
     if not force and report_file.is_file() and paths.model_dir.is_dir():
         report = json.loads(report_file.read_text())
         if report.get("fingerprint") == fingerprint:
@@ -450,11 +524,14 @@ def _build_stages(paths, force, progress):
     timings["evaluate"] = time.time() - t
     # Report what each artefact cost to make, not what this run spent reusing it.
     previous = json.loads(report_file.read_text()) if report_file.is_file() else {}
-    made = {"corpus": previous.get("seconds", {}).get("corpus") if corpus_reused
-            else timings["corpus"],
-            "tokenizer": _stage_seconds(tokenizer_file.parent), "lm": _stage_seconds(lm_file.parent),
-            "domain_lm": _stage_seconds(domain_lm_file.parent), "asr": _stage_seconds(experiment),
-            "evaluate": timings["evaluate"]}
+    made = {
+        "corpus": previous.get("seconds", {}).get("corpus") if corpus_reused else timings["corpus"],
+        "tokenizer": _stage_seconds(tokenizer_file.parent),
+        "lm": _stage_seconds(lm_file.parent),
+        "domain_lm": _stage_seconds(domain_lm_file.parent),
+        "asr": _stage_seconds(experiment),
+        "evaluate": timings["evaluate"],
+    }
     report = {
         "profile": profile,
         "fingerprint": fingerprint,

@@ -35,12 +35,16 @@ STAGING_PREFIX = "partial."
 class AtomicCheckpointer(Checkpointer):
     """A ``Checkpointer`` whose saves land whole or not at all (same arguments)."""
 
-    def save_checkpoint(self, meta={}, end_of_epoch=True, name=None, verbosity=logging.INFO):
+    def save_checkpoint(self, meta={}, end_of_epoch=True, name=None, verbosity=logging.INFO):  # noqa: B006 - SpeechBrain's signature
         """Save every recoverable into a staging folder, then rename it into place."""
         final = staging = None
         if if_main_process():
             self.remove_interrupted_saves()
-            final = self._new_checkpoint_dirpath() if name is None else self._custom_checkpoint_dirpath(name)
+            final = (
+                self._new_checkpoint_dirpath()
+                if name is None
+                else self._custom_checkpoint_dirpath(name)
+            )
             staging = final.with_name(STAGING_PREFIX + final.name)
             staging.mkdir(parents=True)
         final, staging = ddp_broadcast((final, staging), src=0)
@@ -49,7 +53,9 @@ class AtomicCheckpointer(Checkpointer):
             path = staging / f"{key}{PARAMFILE_EXT}"
             hook = self.custom_save_hooks.get(key) or get_default_hook(obj, DEFAULT_SAVE_HOOKS)
             if hook is None:
-                raise RuntimeError(f"Don't know how to save {type(obj)}: register a save hook for {key!r}")
+                raise RuntimeError(
+                    f"Don't know how to save {type(obj)}: register a save hook for {key!r}"
+                )
             hook(obj, path)
         ddp_barrier()  # every rank's files are written
 

@@ -21,7 +21,9 @@ def check_yaml_file(path):
     try:
         text = path.read_text()
     except OSError as error:
-        raise ConfigError(f"cannot read the hyperparameters file {path}: {error.strerror or error}") from None
+        raise ConfigError(
+            f"cannot read the hyperparameters file {path}: {error.strerror or error}"
+        ) from None
     try:
         return ruamel.yaml.YAML(typ="rt").load(text) or {}
     except ruamel.yaml.YAMLError as error:
@@ -42,12 +44,16 @@ def check_override_types(path, overrides):
         expected = _plain_type(default)
         if expected is None or value is None or _plain_type(value) in _ACCEPTED[expected]:
             continue  # null switches a value off
-        raise ConfigError(f"--{key}={value!r}: {path} gives {key} as {expected} ({default}); "
-                          f"{value!r} is not one")
+        raise ConfigError(
+            f"--{key}={value!r}: {path} gives {key} as {expected} ({default}); {value!r} is not one"
+        )
 
 
-_ACCEPTED = {"a boolean": ("a boolean",), "an integer": ("an integer",),
-             "a number": ("a number", "an integer")}
+_ACCEPTED = {
+    "a boolean": ("a boolean",),
+    "an integer": ("an integer",),
+    "a number": ("a number", "an integer"),
+}
 
 
 def _plain_type(value):

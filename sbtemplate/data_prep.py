@@ -53,9 +53,7 @@ def prepare_split(data_root, split, json_file, semantics=None):
             utt_id, _, words = line.strip().partition(" ")
             words = " ".join(words.split())
             if not words:
-                raise DataPreparationError(
-                    f"Empty transcript for {utt_id} at {trans}:{lineno}"
-                )
+                raise DataPreparationError(f"Empty transcript for {utt_id} at {trans}:{lineno}")
             audio = _find_audio(trans.parent, utt_id)
             if audio is None:
                 raise DataPreparationError(
@@ -115,10 +113,15 @@ def write_augmentation_csv(folder, csv_file):
         writer.writerow(["ID", "duration", "wav", "wav_format", "wav_opts"])
         for path in files:
             info = sf.info(str(path))
-            writer.writerow([
-                path.stem, info.frames / info.samplerate, str(path.resolve()),
-                path.suffix.lstrip("."), "",
-            ])
+            writer.writerow(
+                [
+                    path.stem,
+                    info.frames / info.samplerate,
+                    str(path.resolve()),
+                    path.suffix.lstrip("."),
+                    "",
+                ]
+            )
     tmp.replace(csv_file)
 
 

@@ -87,9 +87,20 @@ class DistributedDynamicBatchSampler(Sampler):
         middle of an epoch sees the same batches.
     """
 
-    def __init__(self, lengths, max_batch_length, num_buckets=None, shuffle=True,
-                 batch_ordering="random", max_batch_ex=None, bucket_boundaries=(),
-                 seed=42, rank=None, world_size=None, epoch=0):
+    def __init__(
+        self,
+        lengths,
+        max_batch_length,
+        num_buckets=None,
+        shuffle=True,
+        batch_ordering="random",
+        max_batch_ex=None,
+        bucket_boundaries=(),
+        seed=42,
+        rank=None,
+        world_size=None,
+        epoch=0,
+    ):
         from sbtemplate.distributed import rank_and_world_size
 
         default_rank, default_world = rank_and_world_size()
@@ -101,9 +112,13 @@ class DistributedDynamicBatchSampler(Sampler):
         if not self.lengths:
             raise NotEnoughBatches("no items to batch")
         self.options = dict(
-            max_batch_length=max_batch_length, num_buckets=num_buckets, shuffle=shuffle,
-            batch_ordering=batch_ordering, max_batch_ex=max_batch_ex,
-            bucket_boundaries=list(bucket_boundaries), seed=seed,
+            max_batch_length=max_batch_length,
+            num_buckets=num_buckets,
+            shuffle=shuffle,
+            batch_ordering=batch_ordering,
+            max_batch_ex=max_batch_ex,
+            bucket_boundaries=list(bucket_boundaries),
+            seed=seed,
         )
         longest = max(self.lengths)
         if longest > max_batch_length:

@@ -29,10 +29,15 @@ def transcribe_manifest(model_dir, manifest, data_root, savedir, batch_size=8, a
     stats = ErrorRateStats()
     for start in range(0, len(ids), batch_size):
         chunk = ids[start : start + batch_size]
-        batch = PaddedBatch([
-            {"id": i, "sig": read_audio(entries[i]["wav"].replace("{data_root}", str(data_root)))}
-            for i in chunk
-        ])
+        batch = PaddedBatch(
+            [
+                {
+                    "id": i,
+                    "sig": read_audio(entries[i]["wav"].replace("{data_root}", str(data_root))),
+                }
+                for i in chunk
+            ]
+        )
         wavs, wav_lens = batch.sig
         with torch.no_grad():
             words, _ = asr.transcribe_batch(wavs, wav_lens)
@@ -42,5 +47,16 @@ def transcribe_manifest(model_dir, manifest, data_root, savedir, batch_size=8, a
             [entries[i]["words"].split() for i in chunk],
         )
     summary = stats.summarize()
-    return {k: summary[k] for k in ("WER", "SER", "num_edits", "num_scored_tokens",
-                                     "num_scored_sents", "insertions", "deletions", "substitutions")}
+    return {
+        k: summary[k]
+        for k in (
+            "WER",
+            "SER",
+            "num_edits",
+            "num_scored_tokens",
+            "num_scored_sents",
+            "insertions",
+            "deletions",
+            "substitutions",
+        )
+    }

@@ -29,7 +29,9 @@ def load_interface(source, savedir, overrides, device, lm_state=None):
     from speechbrain.inference.ASR import EncoderDecoderASR
 
     asr = EncoderDecoderASR.from_hparams(
-        source=source, savedir=str(savedir), overrides=dict(overrides),
+        source=source,
+        savedir=str(savedir),
+        overrides=dict(overrides),
         run_opts={"device": device},
     )
     if lm_state is not None:
@@ -45,11 +47,13 @@ def swap_lm(asr, lm_state):
 
 def _reader(asr, name):
     if name == "load_audio":
+
         def load(path):
             # load_audio fetches the path first; on one rank only (the fetch
             # hook would otherwise coordinate it with ranks reading other files).
             with MainProcessContext():
                 return asr.load_audio(path)
+
         return load
     if name == "read_audio":
         return read_audio
@@ -68,16 +72,22 @@ def interface_evaluation(asr, entries, reader, batch_size, group, out_dir, name)
         padded, rel = padded.to(asr.device), rel.to(asr.device)
         with torch.no_grad():
             words, _ = asr.transcribe_batch(padded, rel)
-        stats.append([i for i, _, _ in batch], [w.split() for w in words],
-                     [ref.split() for _, _, ref in batch])
+        stats.append(
+            [i for i, _, _ in batch],
+            [w.split() for w in words],
+            [ref.split() for _, _, ref in batch],
+        )
 
-    return evaluate_sharded(items, lengths, score_batch, batch_size=batch_size, group=group,
-                            name=name, out_dir=out_dir)
+    return evaluate_sharded(
+        items, lengths, score_batch, batch_size=batch_size, group=group, name=name, out_dir=out_dir
+    )
 
 
 def hypotheses(report):
     """``{id: hypothesis words}`` of a gathered EvalReport."""
-    return {str(s["key"]): " ".join(map(str, s.get("hyp_tokens") or [])) for s in report.stats.scores}
+    return {
+        str(s["key"]): " ".join(map(str, s.get("hyp_tokens") or [])) for s in report.stats.scores
+    }
 
 
 def compare_hypotheses(reports):

@@ -105,7 +105,8 @@ def init_distributed(run_opts, timeout_s):
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     torch.distributed.init_process_group(
-        backend=backend, rank=int(os.environ["RANK"]),
+        backend=backend,
+        rank=int(os.environ["RANK"]),
         timeout=datetime.timedelta(seconds=float(timeout_s)),
     )
     # A group used for nothing but the failure barrier below, so that it can
@@ -149,7 +150,11 @@ def failure_barrier():
 def is_collective_timeout(error):
     """Whether ``error`` is a collective that waited past its timeout (gloo, NCCL)."""
     text = f"{type(error).__name__}: {error}"
-    return "Timed out waiting" in text or "DistBackendError" in text or "Watchdog caught collective operation timeout" in text
+    return (
+        "Timed out waiting" in text
+        or "DistBackendError" in text
+        or "Watchdog caught collective operation timeout" in text
+    )
 
 
 def shared_endpoints(endpoints, cache_dir):
@@ -383,8 +388,14 @@ class LMFineTuneBrain(DDPEvalMixin, sb.Brain):
             "tokens": tokens,
             "sentences": sum(len(g["ids"]) for g in gathered),
             "per_rank": [
-                {"rank": r, "sentences": len(g["ids"]), "tokens": g["tokens"],
-                 "perplexity": math.exp(min(g["nll"] / g["tokens"], 50.0)) if g["tokens"] else None}
+                {
+                    "rank": r,
+                    "sentences": len(g["ids"]),
+                    "tokens": g["tokens"],
+                    "perplexity": math.exp(min(g["nll"] / g["tokens"], 50.0))
+                    if g["tokens"]
+                    else None,
+                }
                 for r, g in enumerate(gathered)
             ],
             "world_size": world,
@@ -422,11 +433,16 @@ class LMFineTuneBrain(DDPEvalMixin, sb.Brain):
         self.epoch_records.append(record)
         if rank == 0:
             for r, b in enumerate(batching):
-                print(f"[epoch {epoch}] rank {r}: {b['batches']} train batches, "
-                      f"{b['items']} sentences, padding {100 * b['padding_fraction']:.1f}%",
-                      flush=True)
-            print(f"[epoch {epoch}] LM weights identical on all {world} ranks: "
-                  f"{record['ranks_identical']} ({digests[0][:12]})", flush=True)
+                print(
+                    f"[epoch {epoch}] rank {r}: {b['batches']} train batches, "
+                    f"{b['items']} sentences, padding {100 * b['padding_fraction']:.1f}%",
+                    flush=True,
+                )
+            print(
+                f"[epoch {epoch}] LM weights identical on all {world} ranks: "
+                f"{record['ranks_identical']} ({digests[0][:12]})",
+                flush=True,
+            )
         if not record["ranks_identical"]:
             raise RuntimeError(f"epoch {epoch}: the ranks' LM weights differ: {digests}")
         self.train_stats = {"loss": stats["loss"], "perplexity": stats["perplexity"]}
@@ -444,7 +460,8 @@ class LMFineTuneBrain(DDPEvalMixin, sb.Brain):
             self.epoch_records[-1]["valid_perplexity"] = stats["perplexity"]
         self.checkpointer.save_and_keep_only(
             meta={"valid_perplexity": stats["perplexity"], "epoch": epoch},
-            min_keys=["valid_perplexity"], num_to_keep=1,
+            min_keys=["valid_perplexity"],
+            num_to_keep=1,
         )
 
     # -- evaluations used by the script ----------------------------------

@@ -46,8 +46,10 @@ def hold_output_folder(folder):
         ) from None
     handle.seek(0)
     handle.truncate()
-    handle.write(f"pid {os.getpid()} on {socket.gethostname()} since "
-                 f"{time.strftime('%Y-%m-%d %H:%M:%S')} ({shlex.join(sys.argv)})\n")
+    handle.write(
+        f"pid {os.getpid()} on {socket.gethostname()} since "
+        f"{time.strftime('%Y-%m-%d %H:%M:%S')} ({shlex.join(sys.argv)})\n"
+    )
     handle.flush()
     _held[folder] = handle
 

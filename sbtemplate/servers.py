@@ -438,9 +438,7 @@ class _HubHandler(_BaseHandler):
                     "type": "file",
                     "path": name,
                     "size": size,
-                    "oid": hashlib.sha1(
-                        f"blob {size}\0".encode() + path.read_bytes()
-                    ).hexdigest(),
+                    "oid": hashlib.sha1(f"blob {size}\0".encode() + path.read_bytes()).hexdigest(),
                     "lfs": {"oid": sha, "size": size, "pointerSize": 134},
                 }
             )

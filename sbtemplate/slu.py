@@ -93,7 +93,10 @@ def prepare_slu_data(manifests_folder, save_folder, splits=SPLITS):
     save_folder.mkdir(parents=True, exist_ok=True)
     marker = save_folder / "prepared.json"
     fingerprint = {
-        split: {"manifest": str(manifests_folder / name), "size": (manifests_folder / name).stat().st_size}
+        split: {
+            "manifest": str(manifests_folder / name),
+            "size": (manifests_folder / name).stat().st_size,
+        }
         for split, (name, _) in splits.items()
     }
     if marker.is_file() and all((save_folder / f"{s}.json").is_file() for s in splits):

@@ -34,7 +34,6 @@ from tqdm import tqdm
 from sbtemplate.paths import ProfilePaths
 from sbtemplate.profiles import profile_names
 
-
 DEV_SPLITS = ("valid_target", "valid")  # descriptors without test speech
 
 
@@ -47,8 +46,10 @@ def load_dev_set(profile_paths, split="valid_target"):
         )
     entries = json.loads(manifest.read_text())
     data_root = str(profile_paths.corpus / "LibriSpeech")
-    return [(key, entry["wav"].replace("{data_root}", data_root), entry["words"])
-            for key, entry in sorted(entries.items())]
+    return [
+        (key, entry["wav"].replace("{data_root}", data_root), entry["words"])
+        for key, entry in sorted(entries.items())
+    ]
 
 
 def decode_all(asr, items, batch_size):
@@ -77,8 +78,17 @@ def score(items, hyps):
     return {"WER": summary["WER"], "SER": 100.0 * wrong / len(items)}
 
 
-def tune(model, items, lm_weights, ctc_weights, lm=None, batch_size=8, device="cpu", progress=True,
-         eos_thresholds=None):
+def tune(
+    model,
+    items,
+    lm_weights,
+    ctc_weights,
+    lm=None,
+    batch_size=8,
+    device="cpu",
+    progress=True,
+    eos_thresholds=None,
+):
     """Decode ``items`` with every combination; return the grid and its best entry.
 
     ``eos_thresholds=None`` keeps the model's own threshold (not part of the grid).
@@ -91,35 +101,62 @@ def tune(model, items, lm_weights, ctc_weights, lm=None, batch_size=8, device="c
     results = []
     grid = list(itertools.product(lm_weights, ctc_weights, eos_thresholds or [None]))
     with tempfile.TemporaryDirectory() as savedir:
-        for lm_weight, ctc_weight, eos in tqdm(grid, desc="decoding settings", disable=not progress):
+        for lm_weight, ctc_weight, eos in tqdm(
+            grid, desc="decoding settings", disable=not progress
+        ):
             setting = {"lm_weight": lm_weight, "ctc_weight_decode": ctc_weight}
             if eos is not None:
                 setting["eos_threshold"] = eos
             asr = EncoderDecoderASR.from_hparams(
-                source=str(model), savedir=savedir, run_opts={"device": device},
+                source=str(model),
+                savedir=savedir,
+                run_opts={"device": device},
                 overrides={**overrides, **setting},
             )
             hyps = decode_all(asr, items, batch_size)
             results.append({**setting, **score(items, hyps)})
     # Lowest WER; ties go to fewer wrong sentences, then to the smaller values.
-    best = min(results, key=lambda r: (r["WER"], r["SER"], r["lm_weight"], r["ctc_weight_decode"],
-                                       r.get("eos_threshold", 0.0)))
+    best = min(
+        results,
+        key=lambda r: (
+            r["WER"],
+            r["SER"],
+            r["lm_weight"],
+            r["ctc_weight_decode"],
+            r.get("eos_threshold", 0.0),
+        ),
+    )
     return results, best
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--profile", default="full", choices=profile_names())
-    parser.add_argument("--model", default=None,
-                        help="recognizer folder (default: the profile's published recognizer)")
-    parser.add_argument("--lm", default=None,
-                        help="LM checkpoint to decode with instead of the recognizer's lm.ckpt")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="recognizer folder (default: the profile's published recognizer)",
+    )
+    parser.add_argument(
+        "--lm",
+        default=None,
+        help="LM checkpoint to decode with instead of the recognizer's lm.ckpt",
+    )
     parser.add_argument("--lm-weights", type=float, nargs="+", default=[0.5, 1.0, 1.5, 2.0])
     parser.add_argument("--ctc-weights", type=float, nargs="+", default=[0.3, 0.5, 0.7])
-    parser.add_argument("--eos-thresholds", type=float, nargs="+", default=None,
-                        help="also grid the EOS threshold (default: keep the model's own)")
-    parser.add_argument("--split", default="valid_target", choices=DEV_SPLITS,
-                        help="dev descriptor to decode (valid: the general domain)")
+    parser.add_argument(
+        "--eos-thresholds",
+        type=float,
+        nargs="+",
+        default=None,
+        help="also grid the EOS threshold (default: keep the model's own)",
+    )
+    parser.add_argument(
+        "--split",
+        default="valid_target",
+        choices=DEV_SPLITS,
+        help="dev descriptor to decode (valid: the general domain)",
+    )
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", default=None, help="write the grid and the best pair here")
@@ -137,21 +174,43 @@ def main(argv=None):
     if args.lm is not None and not Path(args.lm).is_file():
         parser.error(f"--lm {args.lm}: no such file")
     items = load_dev_set(paths, args.split)
-    results, best = tune(model, items, args.lm_weights, args.ctc_weights, lm=args.lm,
-                         batch_size=args.batch_size, device=args.device,
-                         eos_thresholds=args.eos_thresholds)
-    print(f"\nDecoding settings on {len(items)} utterances of {args.split}.json "
-          f"({model}, LM {args.lm or 'lm.ckpt'}):")
+    results, best = tune(
+        model,
+        items,
+        args.lm_weights,
+        args.ctc_weights,
+        lm=args.lm,
+        batch_size=args.batch_size,
+        device=args.device,
+        eos_thresholds=args.eos_thresholds,
+    )
+    print(
+        f"\nDecoding settings on {len(items)} utterances of {args.split}.json "
+        f"({model}, LM {args.lm or 'lm.ckpt'}):"
+    )
     print(f"{'lm_weight':>9} {'ctc_weight':>10} {'eos_thr':>7} {'WER %':>7} {'SER %':>7}")
     for r in results:
         mark = "  <- best" if r is best else ""
         eos = f"{r['eos_threshold']:>7.1f}" if "eos_threshold" in r else f"{'model':>7}"
-        print(f"{r['lm_weight']:>9.2f} {r['ctc_weight_decode']:>10.2f} {eos} {r['WER']:>7.2f} "
-              f"{r['SER']:>7.1f}{mark}")
+        print(
+            f"{r['lm_weight']:>9.2f} {r['ctc_weight_decode']:>10.2f} {eos} {r['WER']:>7.2f} "
+            f"{r['SER']:>7.1f}{mark}"
+        )
     if args.json:
-        Path(args.json).write_text(json.dumps({"model": str(model), "lm": args.lm, "split": args.split,
-                                               "utterances": len(items), "grid": results, "best": best},
-                                              indent=2) + "\n")
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "model": str(model),
+                    "lm": args.lm,
+                    "split": args.split,
+                    "utterances": len(items),
+                    "grid": results,
+                    "best": best,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
     return 0
 
 

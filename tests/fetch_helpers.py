@@ -5,10 +5,10 @@ import os
 from contextlib import contextmanager
 from pathlib import Path
 
+import faulty_servers
 import numpy as np
 import pytest
 
-import faulty_servers
 from sbtemplate import fetching
 from sbtemplate.manifest import write_manifest
 from sbtemplate.paths import REPO_ID

@@ -105,9 +105,7 @@ def uninstall():
 
 def pytest_configure(config):
     install()
-    config.addinivalue_line(
-        "markers", "network_guard: the run forbids non-loopback network access"
-    )
+    config.addinivalue_line("markers", "network_guard: the run forbids non-loopback network access")
 
 
 @pytest.fixture(autouse=True)

@@ -69,7 +69,10 @@ def expectation(results, digests):
         **{key: value for key, value in results.items() if key != "seconds"},
         "portable_files": {name: digests[name] for name in PORTABLE_FILES},
         "trained_files": {name: digests[name] for name in TRAINED_FILES},
-        "made_with": {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability()},
+        "made_with": {
+            "torch": torch.__version__,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        },
     }
 
 
@@ -79,32 +82,44 @@ def check(results, digests, expected):
     problems = []
     for name, digest in expected["portable_files"].items():
         if digests.get(name) != digest:
-            problems.append(f"{name}: its bytes changed (sha256 {digest[:12]} -> {str(digests.get(name))[:12]})")
+            problems.append(
+                f"{name}: its bytes changed (sha256 {digest[:12]} -> {str(digests.get(name))[:12]})"
+            )
     for key in EXACT_KEYS:
         if results.get(key) != expected[key]:
-            problems.append(f"{key}: expected {_short(expected[key])}, got {_short(results.get(key))}")
+            problems.append(
+                f"{key}: expected {_short(expected[key])}, got {_short(results.get(key))}"
+            )
     problems += _losses(results["losses"], expected["losses"])
     problems += _transcripts(results, expected)
     wer, wer_then = results["wer"]["WER"], expected["wer"]["WER"]
     if abs(wer - wer_then) > WER_POINTS:
-        problems.append(f"WER against the references moved by {wer - wer_then:+.2f} points "
-                        f"({wer_then:.2f}% -> {wer:.2f}%; at most {WER_POINTS:g})")
+        problems.append(
+            f"WER against the references moved by {wer - wer_then:+.2f} points "
+            f"({wer_then:.2f}% -> {wer:.2f}%; at most {WER_POINTS:g})"
+        )
     accuracy, accuracy_then = results["semantic_accuracy"], expected["semantic_accuracy"]
     if abs(accuracy - accuracy_then) > ACCURACY_POINTS:
-        problems.append(f"semantic accuracy moved by {accuracy - accuracy_then:+.2f} points "
-                        f"({accuracy_then:.2f}% -> {accuracy:.2f}%; at most {ACCURACY_POINTS:g})")
+        problems.append(
+            f"semantic accuracy moved by {accuracy - accuracy_then:+.2f} points "
+            f"({accuracy_then:.2f}% -> {accuracy:.2f}%; at most {ACCURACY_POINTS:g})"
+        )
     return problems
 
 
 def information(digests, expected):
     """Trained files whose bytes differ from the expectation's (not a failure)."""
-    changed = [name for name, digest in expected["trained_files"].items() if digests.get(name) != digest]
+    changed = [
+        name for name, digest in expected["trained_files"].items() if digests.get(name) != digest
+    ]
     if not changed:
         return ""
     made = expected.get("made_with", {})
-    return (f"trained files with other bytes than when the expectation was made "
-            f"(torch {made.get('torch')}, {made.get('cpu_capability')} kernels; here torch "
-            f"{torch.__version__}, {torch.backends.cpu.get_cpu_capability()}): {', '.join(changed)}")
+    return (
+        f"trained files with other bytes than when the expectation was made "
+        f"(torch {made.get('torch')}, {made.get('cpu_capability')} kernels; here torch "
+        f"{torch.__version__}, {torch.backends.cpu.get_cpu_capability()}): {', '.join(changed)}"
+    )
 
 
 def _losses(actual, expected):
@@ -120,12 +135,16 @@ def _losses(actual, expected):
             if key.endswith("_loss"):
                 rtol = TEST_LOSS_RTOL if key == "test_loss" else LOSS_RTOL
                 if not math.isclose(a, b, rel_tol=rtol):
-                    problems.append(f"losses[{index}].{key} moved by {(a - b) / b:+.2e} relative "
-                                    f"({b!r} -> {a!r}; at most {rtol:g})")
+                    problems.append(
+                        f"losses[{index}].{key} moved by {(a - b) / b:+.2e} relative "
+                        f"({b!r} -> {a!r}; at most {rtol:g})"
+                    )
             elif key == "valid_semantic_accuracy":
                 if abs(a - b) > ACCURACY_POINTS:
-                    problems.append(f"losses[{index}].{key} moved by {a - b:+.2f} points "
-                                    f"({b} -> {a}; at most {ACCURACY_POINTS:g})")
+                    problems.append(
+                        f"losses[{index}].{key} moved by {a - b:+.2f} points "
+                        f"({b} -> {a}; at most {ACCURACY_POINTS:g})"
+                    )
             elif a != b:
                 problems.append(f"losses[{index}].{key}: expected {b!r}, got {a!r}")
     return problems
@@ -137,15 +156,20 @@ def _transcripts(results, expected):
     if set(got) != set(want):
         return [f"transcripts: for {len(got)} utterances, expected {len(want)}"]
     same = sum(got[uid] == want[uid] for uid in ids)
-    drift = accumulatable_wer_stats([want[uid].split() for uid in ids], [got[uid].split() for uid in ids],
-                                    collections.Counter())["WER"]
+    drift = accumulatable_wer_stats(
+        [want[uid].split() for uid in ids], [got[uid].split() for uid in ids], collections.Counter()
+    )["WER"]
     need = math.ceil(MIN_IDENTICAL_TRANSCRIPTS * len(ids))
     problems = []
     if same < need:
-        problems.append(f"transcripts: {same} of {len(ids)} identical to the stored ones (at least {need})")
+        problems.append(
+            f"transcripts: {same} of {len(ids)} identical to the stored ones (at least {need})"
+        )
     if drift > MAX_TRANSCRIPT_DRIFT:
-        problems.append(f"transcripts moved by {drift:.2f}% WER from the stored ones "
-                        f"(at most {MAX_TRANSCRIPT_DRIFT:g}%)")
+        problems.append(
+            f"transcripts moved by {drift:.2f}% WER from the stored ones "
+            f"(at most {MAX_TRANSCRIPT_DRIFT:g}%)"
+        )
     return problems
 
 

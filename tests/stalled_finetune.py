@@ -15,6 +15,7 @@ from sbtemplate import lm_finetuning
 FINETUNE = Path(__file__).resolve().parent.parent / "finetune.py"
 
 if os.environ.get("RANK") == "1":
+
     def stalled_fit_batch(self, batch):
         time.sleep(3600)
 

@@ -30,20 +30,24 @@ def test_good_audio_passes(files):
     check_audio_format({"a": {"wav": str(files["good"])}}, "test.json", 16000)
 
 
-@pytest.mark.parametrize("case, reason", [
-    ("narrowband", "8000 Hz"),
-    ("stereo", "2 channels"),
-    ("empty", "no samples"),
-    ("noise", "cannot be decoded"),
-    ("missing", "no such file"),
-])
+@pytest.mark.parametrize(
+    "case, reason",
+    [
+        ("narrowband", "8000 Hz"),
+        ("stereo", "2 channels"),
+        ("empty", "no samples"),
+        ("noise", "cannot be decoded"),
+        ("missing", "no such file"),
+    ],
+)
 def test_each_fault_names_the_file_and_the_expected_format(files, case, reason):
     entries = {"ok": {"wav": str(files["good"])}, "bad": {"wav": str(files[case])}}
     with pytest.raises(AudioFormatError) as caught:
         check_audio_format(entries, "manifests/test.json", 16000)
     message = str(caught.value)
-    assert message.startswith("1 of 2 audio files listed in manifests/test.json cannot be used "
-                              "(expected 16000 Hz mono")
+    assert message.startswith(
+        "1 of 2 audio files listed in manifests/test.json cannot be used (expected 16000 Hz mono"
+    )
     assert f"bad: {files[case]}: {reason}" in message
     assert "ok:" not in message
 

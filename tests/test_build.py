@@ -11,8 +11,14 @@ from sbtemplate.manifest import read_manifest, sha256_file
 from sbtemplate.paths import REPO_ID, ProfilePaths
 from sbtemplate.profiles import get_profile
 
-PUBLISHED = ("asr.ckpt", "lm.ckpt", "tokenizer.ckpt", "normalizer.ckpt", "hyperparams.yaml",
-             build_mod.EXAMPLE_WAV)
+PUBLISHED = (
+    "asr.ckpt",
+    "lm.ckpt",
+    "tokenizer.ckpt",
+    "normalizer.ckpt",
+    "hyperparams.yaml",
+    build_mod.EXAMPLE_WAV,
+)
 
 
 def test_published_layout_and_manifest(tiny_build):
@@ -32,7 +38,9 @@ def test_the_built_tree_links_only_within_itself(tiny_build):
     """A copied or moved artefacts tree must use its own files: no link in a
     freshly built profile points anywhere by an absolute path."""
     build_mod.evaluate_base(tiny_build)  # what a build does last
-    absolute = [p for p in tiny_build.root.rglob("*") if p.is_symlink() and os.path.isabs(os.readlink(p))]
+    absolute = [
+        p for p in tiny_build.root.rglob("*") if p.is_symlink() and os.path.isabs(os.readlink(p))
+    ]
     assert absolute == []
 
 
@@ -53,7 +61,9 @@ def test_tiny_model_transcribes_through_local_repo_folder(tiny_build, tmp_path, 
     example = str(tiny_build.model_dir / build_mod.EXAMPLE_WAV)
     text = asr.transcribe_file(example)
     # The same recognizer as when loaded from the published folder's own path.
-    direct = EncoderDecoderASR.from_hparams(source=str(tiny_build.model_dir), savedir=str(tmp_path / "direct"))
+    direct = EncoderDecoderASR.from_hparams(
+        source=str(tiny_build.model_dir), savedir=str(tmp_path / "direct")
+    )
     assert text.strip() and text == direct.transcribe_file(example)
     # The savedir links point into the local folder: nothing was downloaded.
     linked = (tmp_path / "savedir" / "asr.ckpt").resolve()
@@ -167,7 +177,9 @@ def test_published_hparams_state_the_profile(profile):
     source = (build_mod.HPARAMS_DIR / "inference.yaml").read_text().splitlines()
     changed = [line for line in source if line not in text.splitlines()]
     # the block's placeholders, and booleans the YAML writer spells in lower case
-    assert all("!PLACEHOLDER" in line or line.rstrip().endswith(("True", "False")) for line in changed)
+    assert all(
+        "!PLACEHOLDER" in line or line.rstrip().endswith(("True", "False")) for line in changed
+    )
 
 
 def test_published_hparams_refuses_a_profile_missing_a_value(tmp_path, monkeypatch):
@@ -184,8 +196,11 @@ def test_tiny_build_trains_on_one_thread_and_restores_the_callers(tiny_build, mo
     """Float rounding depends on the thread count; the debug-run expectation pins
     the tiny models' bytes, so the tiny build uses one thread on every machine."""
     seen = []
-    monkeypatch.setattr(build_mod, "_build_stages",
-                        lambda paths, force, progress: seen.append(torch.get_num_threads()) or paths)
+    monkeypatch.setattr(
+        build_mod,
+        "_build_stages",
+        lambda paths, force, progress: seen.append(torch.get_num_threads()) or paths,
+    )
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:

@@ -42,7 +42,7 @@ def test_stock_checkpointer_leaves_a_half_checkpoint_that_breaks_resume(tmp_path
     with pytest.raises(Interrupted):
         saver.save_checkpoint()
     assert len(saver.list_checkpoints()) == 2  # the half one is listed
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017 - whatever SpeechBrain raises on a half save
         Checkpointer(tmp_path, recoverables=_modules(0.0)).recover_if_possible()
 
 
@@ -56,12 +56,16 @@ def test_an_interrupted_save_leaves_the_previous_checkpoint(tmp_path, monkeypatc
         name = "lm" if moment == "first_file" else "other"
         saver.custom_save_hooks[name] = _interrupting_hook(10)
     elif moment == "meta_file":
+
         def fail(*args, **kwargs):
             raise Interrupted
+
         monkeypatch.setattr(saver, "_save_checkpoint_metafile", fail)
     else:
+
         def fail(*args, **kwargs):
             raise Interrupted
+
         monkeypatch.setattr(atomic.os, "rename", fail)
     with pytest.raises(Interrupted):
         saver.save_checkpoint()

@@ -15,10 +15,17 @@ from sbtemplate.corpus.grammar import split_domains
 from sbtemplate.data_prep import DataPreparationError, prepare_split, read_text_lines
 
 SMALL = {
-    "general_train": 6, "general_valid": 2, "general_test": 3, "target_test": 4,
+    "general_train": 6,
+    "general_valid": 2,
+    "general_test": 3,
+    "target_test": 4,
     "target_valid": 2,
-    "general_lm_train": 20, "general_lm_valid": 5, "target_lm_train": 10,
-    "target_lm_valid": 4, "noise_files": 2, "rir_files": 2,
+    "general_lm_train": 20,
+    "general_lm_valid": 5,
+    "target_lm_train": 10,
+    "target_lm_valid": 4,
+    "noise_files": 2,
+    "rir_files": 2,
 }
 
 
@@ -66,8 +73,9 @@ def test_librispeech_layout_is_read_back(small_corpus):
 
 def test_target_speech_carries_semantics(small_corpus):
     semantics = json.loads((small_corpus / "semantics.json").read_text())
-    entries = prepare_split(small_corpus / "LibriSpeech", "test-target",
-                            small_corpus.parent / "t.json", semantics)
+    entries = prepare_split(
+        small_corpus / "LibriSpeech", "test-target", small_corpus.parent / "t.json", semantics
+    )
     assert all("intent" in e["semantics"] for e in entries.values())
 
 
@@ -87,9 +95,15 @@ def test_augmentation_sets_are_written(small_corpus):
 
 
 def test_splits_are_disjoint_at_scale():
-    sizes = {"general_train": 700, "general_lm_train": 5000, "general_test": 100,
-             "target_lm_train": 2000, "target_test": 150, "target_lm_valid": 200,
-             "target_valid": 80}
+    sizes = {
+        "general_train": 700,
+        "general_lm_train": 5000,
+        "general_test": 100,
+        "target_lm_train": 2000,
+        "target_test": 150,
+        "target_lm_valid": 200,
+        "target_valid": 80,
+    }
     splits = split_domains(sizes, seed=2602)
     seen = {}
     for name, items in splits.items():
@@ -108,7 +122,12 @@ def test_general_speech_covers_every_target_word():
 
     splits = split_domains(text_split_sizes(get_profile("full")["build"]["corpus"]), seed=2602)
     heard = {w for text in splits["general_train"] for w in text.split()}
-    target = {w for name in ("target_test", "target_lm_train") for text, _ in splits[name] for w in text.split()}
+    target = {
+        w
+        for name in ("target_test", "target_lm_train")
+        for text, _ in splits[name]
+        for w in text.split()
+    }
     assert target - heard == set()
 
 
@@ -147,8 +166,14 @@ def test_word_lists_are_part_of_general_speech():
     numbers), ending on many different words."""
     import random
 
-    from sbtemplate.corpus.grammar import (_LIST_WORDS, LIST_SHARE, ONES, TEENS, TENS,
-                                           general_sentence)
+    from sbtemplate.corpus.grammar import (
+        _LIST_WORDS,
+        LIST_SHARE,
+        ONES,
+        TEENS,
+        TENS,
+        general_sentence,
+    )
 
     vocabulary = {w.upper() for phrase in _LIST_WORDS + ONES + TEENS + TENS for w in phrase.split()}
     rng = random.Random(1)
@@ -186,7 +211,9 @@ def test_missing_data_folder_is_named(tmp_path):
 
 def test_empty_transcript_is_named(tmp_path):
     root, folder = _layout(tmp_path, text="")
-    with pytest.raises(DataPreparationError, match="Empty transcript for 11-22-0000.*11-22.trans.txt"):
+    with pytest.raises(
+        DataPreparationError, match="Empty transcript for 11-22-0000.*11-22.trans.txt"
+    ):
         prepare_split(root, "split", tmp_path / "x.json")
     assert not (tmp_path / "x.json").exists()
 

@@ -31,9 +31,17 @@ VOCAB = (
     "FROM HAVE OR BY ONE HAD NOT BUT WHAT ALL WERE WHEN WE THERE CAN AN YOUR"
 ).split()
 SUMMARY_KEYS = (
-    "WER", "SER", "num_edits", "num_scored_tokens", "num_erroneous_sents",
-    "num_scored_sents", "num_absent_sents", "num_ref_sents", "insertions",
-    "deletions", "substitutions",
+    "WER",
+    "SER",
+    "num_edits",
+    "num_scored_tokens",
+    "num_erroneous_sents",
+    "num_scored_sents",
+    "num_absent_sents",
+    "num_ref_sents",
+    "insertions",
+    "deletions",
+    "substitutions",
 )
 LAUNCH_TIMEOUT_S = 150
 
@@ -98,6 +106,7 @@ def _dataset(utts, wav_dir=None):
     keys = ["id", "words"]
     dataset = DynamicItemDataset(data)
     if wav_dir is not None:
+
         @sb.utils.data_pipeline.takes("wav")
         @sb.utils.data_pipeline.provides("sig")
         def audio_pipeline(wav):
@@ -145,10 +154,14 @@ def _fake_brain_class():
                 return
             self.report = self.gather_eval_stats(stage, self.wer_metric, out_dir=self.out_dir)
             if stage == sb.Stage.VALID:
-                self.valid_log.append({
-                    "epoch": epoch, "summary": self.report.to_json(), "seen": self.seen,
-                    "wrapped": type(self.modules["model"]).__name__,
-                })
+                self.valid_log.append(
+                    {
+                        "epoch": epoch,
+                        "summary": self.report.to_json(),
+                        "seen": self.seen,
+                        "wrapped": type(self.modules["model"]).__name__,
+                    }
+                )
 
     return FakeASR
 
@@ -174,8 +187,11 @@ def _loader_kwargs(mode, dataset):
         return {"batch_size": BATCH_SIZE}
     return {
         "batch_sampler": DynamicBatchSampler(
-            dataset, length_func=lambda x: x["length"], shuffle=False,
-            batch_ordering="ascending", **DYNAMIC,
+            dataset,
+            length_func=lambda x: x["length"],
+            shuffle=False,
+            batch_ordering="ascending",
+            **DYNAMIC,
         )
     }
 
@@ -213,12 +229,21 @@ def worker_exact(out_root):
             seen = []
 
             def score_batch(batch, stats):
-                seen.append([u[0] for u in batch])
-                stats.append([u[0] for u in batch], [fake_hypothesis(u[0], u[1]) for u in batch],
-                             [u[1].split() for u in batch])
+                seen.append([u[0] for u in batch])  # noqa: B023 - called within this iteration
+                stats.append(
+                    [u[0] for u in batch],
+                    [fake_hypothesis(u[0], u[1]) for u in batch],
+                    [u[1].split() for u in batch],
+                )
 
-            evaluate_sharded(utts, [u[2] for u in utts], score_batch, name="test",
-                             out_dir=Path(out_root) / key / "items", **_items_batching(mode))
+            evaluate_sharded(
+                utts,
+                [u[2] for u in utts],
+                score_batch,
+                name="test",
+                out_dir=Path(out_root) / key / "items",
+                **_items_batching(mode),
+            )
             log["runs"][f"{key}/items"] = {"batches": seen}
     log["ddp_wrapped_after"] = type(brain.modules["model"]).__name__
 
@@ -243,16 +268,24 @@ def worker_exact(out_root):
 
     fitter = _fake_brain_class()(
         modules={"model": torch.nn.Linear(4, 4)},
-        opt_class=lambda params: torch.optim.SGD(params, lr=0.1), hparams={},
+        opt_class=lambda params: torch.optim.SGD(params, lr=0.1),
+        hparams={},
         run_opts={"device": "cpu", "distributed_backend": "gloo", "noprogressbar": True},
     )
     fitter.valid_log = []
     fitter.out_dir = Path(out_root) / "fit"
     train, valid = _dataset(make_utterances(40)), _dataset(make_utterances(101))
-    fitter.fit(sb.utils.epoch_loop.EpochCounter(2), train, valid,
-               train_loader_kwargs={"batch_size": 8}, valid_loader_kwargs={"batch_size": 8})
-    log["fit"] = {"valid": fitter.valid_log,
-                  "weight": fitter.modules["model"].module.weight.sum().item()}
+    fitter.fit(
+        sb.utils.epoch_loop.EpochCounter(2),
+        train,
+        valid,
+        train_loader_kwargs={"batch_size": 8},
+        valid_loader_kwargs={"batch_size": 8},
+    )
+    log["fit"] = {
+        "valid": fitter.valid_log,
+        "weight": fitter.modules["model"].module.weight.sum().item(),
+    }
     (Path(out_root) / f"log_rank{rank}.json").write_text(json.dumps(log))
 
 
@@ -266,10 +299,11 @@ def worker_fail(out_root, wav_dir):
     utts = make_utterances(7)
 
     def score_batch(batch, stats):
-        for utt_id, words, _ in batch:
+        for utt_id, _words, _ in batch:
             sb.dataio.dataio.read_audio(str(Path(wav_dir) / f"{utt_id}.wav"))
-        stats.append([u[0] for u in batch], [u[1].split() for u in batch],
-                     [u[1].split() for u in batch])
+        stats.append(
+            [u[0] for u in batch], [u[1].split() for u in batch], [u[1].split() for u in batch]
+        )
 
     outcome = {"rank": rank}
     try:
@@ -296,8 +330,9 @@ def worker_die(out_root):
     def score_batch(batch, stats):
         if rank == 1:
             os._exit(17)
-        stats.append([u[0] for u in batch], [u[1].split() for u in batch],
-                     [u[1].split() for u in batch])
+        stats.append(
+            [u[0] for u in batch], [u[1].split() for u in batch], [u[1].split() for u in batch]
+        )
 
     evaluate_sharded(utts, [u[2] for u in utts], score_batch, batch_size=4)
     print("evaluation returned normally", flush=True)
@@ -312,8 +347,11 @@ def worker_die(out_root):
 # op yet. Each rank is still its own OS process with its own gloo process
 # group, stdout/stderr files and exit status.
 
-SCENARIOS = {"exact": lambda d: worker_exact(d), "fail": lambda d, w: worker_fail(d, w),
-             "die": lambda d: worker_die(d)}
+SCENARIOS = {
+    "exact": lambda d: worker_exact(d),
+    "fail": lambda d, w: worker_fail(d, w),
+    "die": lambda d: worker_die(d),
+}
 REPLY = "@@rank-server "
 
 
@@ -325,9 +363,14 @@ def _free_port():
 
 def _rank_env(rank, world_size, port, eval_timeout_s):
     return dict(
-        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
-        LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-        OMP_NUM_THREADS="1", SBTEMPLATE_EVAL_TIMEOUT=str(eval_timeout_s),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        OMP_NUM_THREADS="1",
+        SBTEMPLATE_EVAL_TIMEOUT=str(eval_timeout_s),
     )
 
 
@@ -339,7 +382,9 @@ def _run_rank(job, rank, port):
     try:
         directory = Path(job["dir"])
         for fd, name in ((1, "stdout"), (2, "stderr")):
-            target = os.open(directory / f"{name}_{rank}.txt", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+            target = os.open(
+                directory / f"{name}_{rank}.txt", os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+            )
             os.dup2(target, fd)
             os.close(target)
         os.environ.update(_rank_env(rank, job["world_size"], port, job["eval_timeout_s"]))
@@ -405,31 +450,47 @@ class RankLauncher:
     """Test-side handle on :func:`rank_server`."""
 
     def __init__(self, log_path):
-        env = dict(os.environ, OMP_NUM_THREADS="1",
-                   PYTHONPATH=str(PROJECT_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        env = dict(
+            os.environ,
+            OMP_NUM_THREADS="1",
+            PYTHONPATH=str(PROJECT_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        )
         self.log = open(log_path, "w")
         self.proc = subprocess.Popen(
-            [sys.executable, __file__, "rank-server"], stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE, stderr=self.log, text=True, cwd=PROJECT_ROOT, env=env,
+            [sys.executable, __file__, "rank-server"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            text=True,
+            cwd=PROJECT_ROOT,
+            env=env,
         )
         self._reply()
 
     def _reply(self):
         for line in self.proc.stdout:
             if line.startswith(REPLY):
-                return json.loads(line[len(REPLY):])
+                return json.loads(line[len(REPLY) :])
         raise RuntimeError(f"rank server exited (code {self.proc.wait()}); see {self.log.name}")
 
     def launch(self, world_size, args, tmp_path, eval_timeout_s=30, timeout_s=LAUNCH_TIMEOUT_S):
         """Run scenario ``args`` on ``world_size`` ranks: per-rank (exit code, stdout, stderr), wall s."""
-        job = {"world_size": world_size, "args": [str(a) for a in args], "dir": str(tmp_path),
-               "eval_timeout_s": eval_timeout_s, "timeout_s": timeout_s}
+        job = {
+            "world_size": world_size,
+            "args": [str(a) for a in args],
+            "dir": str(tmp_path),
+            "eval_timeout_s": eval_timeout_s,
+            "timeout_s": timeout_s,
+        }
         self.proc.stdin.write(json.dumps(job) + "\n")
         self.proc.stdin.flush()
         reply = self._reply()
         results = [
-            (code, (tmp_path / f"stdout_{r}.txt").read_text(),
-             (tmp_path / f"stderr_{r}.txt").read_text())
+            (
+                code,
+                (tmp_path / f"stdout_{r}.txt").read_text(),
+                (tmp_path / f"stderr_{r}.txt").read_text(),
+            )
             for r, code in enumerate(reply["codes"])
         ]
         return results, reply["wall_s"]
@@ -474,8 +535,11 @@ def reference_summary(utts):
     stats = ErrorRateStats()
     for start in range(0, len(utts), 5):
         chunk = utts[start : start + 5]
-        stats.append([u[0] for u in chunk], [fake_hypothesis(u[0], u[1]) for u in chunk],
-                     [u[1].split() for u in chunk])
+        stats.append(
+            [u[0] for u in chunk],
+            [fake_hypothesis(u[0], u[1]) for u in chunk],
+            [u[1].split() for u in chunk],
+        )
     return stats.summarize()
 
 
@@ -565,8 +629,11 @@ def test_ledger_rejects_distributed_sampler_padding():
     from torch.utils.data.distributed import DistributedSampler
 
     ids = [u[0] for u in make_utterances(7)]
-    got = [ids[i] for r in range(3)
-           for i in DistributedSampler(ids, num_replicas=3, rank=r, shuffle=False)]
+    got = [
+        ids[i]
+        for r in range(3)
+        for i in DistributedSampler(ids, num_replicas=3, rank=r, shuffle=False)
+    ]
     with pytest.raises(LedgerError, match="duplicated"):
         check_ledger(got, ids)
 
@@ -577,13 +644,15 @@ def test_gather_raises_on_a_duplicated_utterance():
     utts = make_utterances(7)
     stats = ErrorRateStats()
     for rows in (utts, utts[3:4]):  # the same utterance scored twice
-        stats.append([u[0] for u in rows], [u[1].split() for u in rows],
-                     [u[1].split() for u in rows])
+        stats.append(
+            [u[0] for u in rows], [u[1].split() for u in rows], [u[1].split() for u in rows]
+        )
     with pytest.raises(LedgerError, match="duplicated"):
         gather_error_rate_stats(stats, expected_ids=[u[0] for u in utts], printer=None)
     stats = ErrorRateStats()
-    stats.append([u[0] for u in utts[1:]], [u[1].split() for u in utts[1:]],
-                 [u[1].split() for u in utts[1:]])
+    stats.append(
+        [u[0] for u in utts[1:]], [u[1].split() for u in utts[1:]], [u[1].split() for u in utts[1:]]
+    )
     with pytest.raises(LedgerError, match="missing"):
         gather_error_rate_stats(stats, expected_ids=[u[0] for u in utts], printer=None)
 
@@ -617,7 +686,7 @@ def exact_runs(launcher, tmp_path_factory):
     for world_size in WORLD_SIZES:
         tmp = tmp_path_factory.mktemp(f"exact_ws{world_size}")
         results, wall = launcher.launch(world_size, ["exact", tmp], tmp)
-        for rank, (rc, out, err) in enumerate(results):
+        for rank, (rc, _out, err) in enumerate(results):
             assert rc == 0, f"rank {rank} of {world_size} failed:\n{err[-4000:]}"
         logs = [json.loads((tmp / f"log_rank{r}.json").read_text()) for r in range(world_size)]
         runs[world_size] = {"dir": tmp, "results": results, "logs": logs, "wall": wall}
@@ -668,8 +737,9 @@ def test_gathered_summary_equals_single_process(exact_runs, world_size, size, mo
     assert sum(r["errors"] for r in rows) == summary["num_edits"]
 
 
-@pytest.mark.parametrize("world_size,size,mode", [(ws, n, m) for ws in WORLD_SIZES
-                                                  for n in SIZES for m in MODES])
+@pytest.mark.parametrize(
+    "world_size,size,mode", [(ws, n, m) for ws in WORLD_SIZES for n in SIZES for m in MODES]
+)
 def test_both_paths_and_all_world_sizes_agree(exact_runs, world_size, size, mode):
     base = exact_runs[1]["dir"] / f"n{size}/{mode}"
     here = exact_runs[world_size]["dir"] / f"n{size}/{mode}"
@@ -678,13 +748,17 @@ def test_both_paths_and_all_world_sizes_agree(exact_runs, world_size, size, mode
     assert brain == (base / "brain" / "test_utterances.tsv").read_text()
     # Same batches as one process (so the same padding for each utterance).
     batches = lambda ws: sorted(  # noqa: E731
-        sorted(b) for log in exact_runs[ws]["logs"] for b in log["runs"][f"n{size}/{mode}/brain"]["batches"]
+        sorted(b)
+        for log in exact_runs[ws]["logs"]
+        for b in log["runs"][f"n{size}/{mode}/brain"]["batches"]
     )
     assert batches(world_size) == batches(1)
     # Loss averaged over all ranks' batches equals the single-process mean.
     loss = [log["runs"][f"n{size}/{mode}/brain"]["loss"] for log in exact_runs[world_size]["logs"]]
     assert len(set(loss)) == 1
-    assert loss[0] == pytest.approx(exact_runs[1]["logs"][0]["runs"][f"n{size}/{mode}/brain"]["loss"])
+    assert loss[0] == pytest.approx(
+        exact_runs[1]["logs"][0]["runs"][f"n{size}/{mode}/brain"]["loss"]
+    )
 
 
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
@@ -751,8 +825,9 @@ def test_fit_gathers_the_valid_stage_every_epoch(exact_runs, world_size):
 
 def _owner_rank(utts, bad_id, world_size, batch_size):
     for rank in range(world_size):
-        shard = shard_items(utts, [u[2] for u in utts], rank=rank, world_size=world_size,
-                            batch_size=batch_size)
+        shard = shard_items(
+            utts, [u[2] for u in utts], rank=rank, world_size=world_size, batch_size=batch_size
+        )
         if any(u[0] == bad_id for b in shard for u in b):
             return rank
     raise AssertionError("bad utterance in no shard")
@@ -772,8 +847,9 @@ def test_unreadable_audio_on_one_rank_fails_every_rank(launcher, tmp_path):
     (wav_dir / f"{bad_id}.wav").write_bytes(b"this is not audio")
     owner = _owner_rank(utts, bad_id, world_size, batch_size=2)
 
-    results, wall = launcher.launch(world_size, ["fail", tmp_path, wav_dir], tmp_path,
-                                    eval_timeout_s=30)
+    results, wall = launcher.launch(
+        world_size, ["fail", tmp_path, wav_dir], tmp_path, eval_timeout_s=30
+    )
     assert wall < 60, f"took {wall:.0f} s"
     for rank, (rc, out, err) in enumerate(results):
         assert rc != 0, f"rank {rank} exited 0:\n{out}\n{err[-3000:]}"

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from fetch_helpers import EXAMPLE_WAV, fake_repo  # noqa: F401 - fixture
 from network_guard import _forbid_network  # noqa: F401 - autouse fixture
+
 from sbtemplate import servers
 from sbtemplate.manifest import sha256_file
 from sbtemplate.paths import REPO_ID
@@ -60,7 +61,7 @@ print("RESULT " + json.dumps({
     "error": error,
 }), flush=True)
 dist.destroy_process_group()
-""" % {"repo": REPO_ID, "wav": EXAMPLE_WAV}
+""" % {"repo": REPO_ID, "wav": EXAMPLE_WAV}  # noqa: UP031 - the template holds Python braces
 
 
 def test_one_rank_downloads_the_others_wait_and_load(fake_repo, tmp_path):
@@ -109,13 +110,18 @@ def test_one_rank_downloads_the_others_wait_and_load(fake_repo, tmp_path):
             for proc in procs:
                 if proc.poll() is None:
                     proc.kill()
-        hub_gets = {name: len(served.hub.gets("/" + name)) for name in ("lm.ckpt", EXAMPLE_WAV, "manifest.json", "no-such.ckpt")}
-        url_gets = {name: len(served.urls.gets("/" + name)) for name in ("tokenizer.ckpt", "manifest.json")}
+        hub_gets = {
+            name: len(served.hub.gets("/" + name))
+            for name in ("lm.ckpt", EXAMPLE_WAV, "manifest.json", "no-such.ckpt")
+        }
+        url_gets = {
+            name: len(served.urls.gets("/" + name)) for name in ("tokenizer.ckpt", "manifest.json")
+        }
 
     results = {}
     for code, out, err in outputs:
         assert code == 0, err[-3000:]
-        line = next(l for l in out.splitlines() if l.startswith("RESULT "))
+        line = next(text for text in out.splitlines() if text.startswith("RESULT "))
         result = json.loads(line[len("RESULT ") :])
         results[result["rank"]] = result
     assert set(results) == {0, 1}
@@ -132,9 +138,22 @@ def test_one_rank_downloads_the_others_wait_and_load(fake_repo, tmp_path):
     assert hub_gets == {"lm.ckpt": 1, EXAMPLE_WAV: 1, "manifest.json": 1, "no-such.ckpt": 0}
     assert url_gets == {"tokenizer.ckpt": 1, "manifest.json": 1}
     statuses = {rank: {f: s for f, _, s in results[rank]["records"]} for rank in results}
-    assert statuses[0] == {"asr.ckpt": "local", "lm.ckpt": "downloaded", "tokenizer.ckpt": "downloaded", EXAMPLE_WAV: "downloaded"}
-    assert statuses[1] == {"asr.ckpt": "local", "lm.ckpt": "cached", "tokenizer.ckpt": "cached", EXAMPLE_WAV: "cached"}
+    assert statuses[0] == {
+        "asr.ckpt": "local",
+        "lm.ckpt": "downloaded",
+        "tokenizer.ckpt": "downloaded",
+        EXAMPLE_WAV: "downloaded",
+    }
+    assert statuses[1] == {
+        "asr.ckpt": "local",
+        "lm.ckpt": "cached",
+        "tokenizer.ckpt": "cached",
+        EXAMPLE_WAV: "cached",
+    }
 
     # The error reached both ranks, with the same message.
     assert results[0]["error"] and results[0]["error"] == results[1]["error"]
-    assert "no-such.ckpt" in results[0]["error"] and "file not found in the repo" in results[0]["error"]
+    assert (
+        "no-such.ckpt" in results[0]["error"]
+        and "file not found in the repo" in results[0]["error"]
+    )

@@ -7,9 +7,9 @@ import re
 from pathlib import Path
 
 import pytest
-
 from fetch_helpers import fake_repo, file_bytes, restored_fetching, tiny_paths  # noqa: F401
 from network_guard import _forbid_network  # noqa: F401 - autouse fixture
+
 from sbtemplate import fetching
 from sbtemplate.paths import REPO_ID, ProfilePaths
 from sbtemplate.profiles import include_override
@@ -64,7 +64,9 @@ def artifacts(tmp_path, fake_repo):
 
 def test_plain_keys_are_read_without_importing_anything():
     keys = fetching.read_plain_keys(
-        FINETUNE, ("fetch_endpoints", "profile", "local_repo", "hub_repo_id"), include_override("tiny")
+        FINETUNE,
+        ("fetch_endpoints", "profile", "local_repo", "hub_repo_id"),
+        include_override("tiny"),
     )
     assert keys["fetch_endpoints"] == "loopback"
     assert keys["local_repo"] == f"artifacts/tiny/{REPO_ID}"
@@ -133,8 +135,15 @@ def test_finetune_pretrainers_load_the_tiny_build(tiny_paths, tmp_path, restored
     from sbtemplate.profiles import get_profile
 
     profile = get_profile(tiny_paths.profile)
-    overrides = tiny(artifacts=str(tiny_paths.root.parent), pretrained_folder=str(tmp_path / "pretrained"))
-    text = section("fetch sources") + section("model") + section("pretrainers") + "padding_invariant: True\nmax_decode_ratio: 1.0\n"
+    overrides = tiny(
+        artifacts=str(tiny_paths.root.parent), pretrained_folder=str(tmp_path / "pretrained")
+    )
+    text = (
+        section("fetch sources")
+        + section("model")
+        + section("pretrainers")
+        + "padding_invariant: True\nmax_decode_ratio: 1.0\n"
+    )
     with fetching.fetch_endpoints(FINETUNE, overrides, cache_dir=tmp_path / "cache") as ep:
         hparams = load_hyperpyyaml(as_finetune_yaml(text), ep.overrides)
         del fetching.fetch_log[:]
@@ -151,8 +160,11 @@ def test_finetune_pretrainers_load_the_tiny_build(tiny_paths, tmp_path, restored
 
 def test_a_users_own_url_base_and_hub_endpoint_are_used(artifacts, tmp_path, restored_fetching):
     """Set in the YAML or on the command line, they are not replaced."""
-    overrides = tiny(artifacts=str(artifacts.root.parent), url_base="http://files.example/models",
-                     hub_endpoint="http://hub.example")
+    overrides = tiny(
+        artifacts=str(artifacts.root.parent),
+        url_base="http://files.example/models",
+        hub_endpoint="http://hub.example",
+    )
     with fetching.fetch_endpoints(FINETUNE, overrides, cache_dir=tmp_path / "cache") as ep:
         assert ep.url_base == "http://files.example/models"
         assert ep.hub_endpoint == "http://hub.example"

@@ -7,9 +7,9 @@ import runpy
 from pathlib import Path
 
 import pytest
-
 from fetch_helpers import restored_fetching, tiny_paths  # noqa: F401 - fixtures
 from network_guard import _forbid_network  # noqa: F401 - autouse fixture
+
 from sbtemplate import fetching, servers
 from sbtemplate.paths import REPO_ID
 
@@ -38,7 +38,9 @@ def test_single_node_pretrained(tiny_paths, tmp_path, capsys, restored_fetching)
     assert "== Case 1" in out.out and "== Case 2" in out.out
     assert "downloaded from Hugging Face Hub repo" in out.out
     assert "taken as HUGGING_FACE" in out.out
-    transcripts = [line.split("transcript: ", 1)[1] for line in out.out.splitlines() if "transcript: " in line]
+    transcripts = [
+        line.split("transcript: ", 1)[1] for line in out.out.splitlines() if "transcript: " in line
+    ]
     assert len(transcripts) == 2 and transcripts[0] == transcripts[1] and transcripts[0] != "''"
     assert (tmp_path / "savedir" / "hyperparams.yaml").exists()
 

@@ -5,15 +5,14 @@ Network access other than loopback is forbidden in this module (network_guard).
 """
 
 import os
-from contextlib import contextmanager
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
-import pytest
-
 import network_guard
+import pytest
 from fetch_helpers import (
     EXAMPLE_WAV,
     fake_repo,  # noqa: F401 - fixture
@@ -25,6 +24,7 @@ from fetch_helpers import (
     served,  # noqa: F401 - fixture
 )
 from network_guard import _forbid_network  # noqa: F401 - autouse fixture
+
 from sbtemplate import fetching, servers
 from sbtemplate.paths import REPO_ID
 
@@ -64,7 +64,11 @@ def test_each_source_kind_is_fetched(served, fake_repo, tmp_path):
     from_hub = fetch("lm.ckpt", hub(), savedir=save)
     from_url = fetch("tokenizer.ckpt", url(served.url_base), savedir=save)
 
-    for path, name in ((from_local, "asr.ckpt"), (from_hub, "lm.ckpt"), (from_url, "tokenizer.ckpt")):
+    for path, name in (
+        (from_local, "asr.ckpt"),
+        (from_hub, "lm.ckpt"),
+        (from_url, "tokenizer.ckpt"),
+    ):
         assert file_bytes(path) == (fake_repo / name).read_bytes()
     kinds = {r.filename: (r.kind, r.status) for r in fetching.fetch_log}
     assert kinds == {
@@ -292,11 +296,26 @@ def _error_cases(served, tmp_path):
     return {
         "missing repo": ("lm.ckpt", hub("synthspeech/no-such-repo"), {}, "repository not found"),
         "missing file": ("no-such.ckpt", hub(), {}, "file not found in the repo"),
-        "missing revision": ("lm.ckpt", hub(), {"fetch_config": cfg(revision="v0.9")}, "revision 'v0.9' not found"),
+        "missing revision": (
+            "lm.ckpt",
+            hub(),
+            {"fetch_config": cfg(revision="v0.9")},
+            "revision 'v0.9' not found",
+        ),
         "missing url file": ("no-such.ckpt", url(served.url_base), {}, "HTTP 404"),
         "url server refusing": ("lm.ckpt", url(f"{refused}/{REPO_ID}"), {}, "connection refused"),
-        "hub offline, empty cache": ("lm.ckpt", hub(), {"fetch_config": cfg(allow_network=False)}, "network access is disabled"),
-        "url offline, empty cache": ("lm.ckpt", url(served.url_base), {"fetch_config": cfg(allow_network=False)}, "network access is disabled"),
+        "hub offline, empty cache": (
+            "lm.ckpt",
+            hub(),
+            {"fetch_config": cfg(allow_network=False)},
+            "network access is disabled",
+        ),
+        "url offline, empty cache": (
+            "lm.ckpt",
+            url(served.url_base),
+            {"fetch_config": cfg(allow_network=False)},
+            "network access is disabled",
+        ),
     }
 
 
@@ -325,9 +344,15 @@ def test_errors_are_clear_fast_and_clean(served, tmp_path, case):
         context = fetching.hub_endpoint(refused)
     elif case.startswith("hub server "):
         behaviour, expected = {
-            "hub server silent": ("silent", "it accepted the connection but sent no answer within 5 s"),
+            "hub server silent": (
+                "silent",
+                "it accepted the connection but sent no answer within 5 s",
+            ),
             "hub server failing": ("error", "it answered HTTP 500 to HEAD http://127.0.0.1:"),
-            "hub server not a hub": ("not a hub", "without the Hub's headers (X-Repo-Commit, X-Error-Code)"),
+            "hub server not a hub": (
+                "not a hub",
+                "without the Hub's headers (X-Repo-Commit, X-Error-Code)",
+            ),
         }[case]
         filename, source, kwargs = "lm.ckpt", hub(), {}
         context = _misbehaving_endpoint(behaviour)
@@ -451,7 +476,9 @@ def test_endpoint_is_repointed_consistently_after_import(fake_repo, tmp_path):
         for running in (first, second):
             with fetching.hub_endpoint(running.hub_endpoint):
                 assert constants.ENDPOINT == running.hub_endpoint
-                assert huggingface_hub.hf_hub_url(REPO_ID, "x").startswith(running.hub_endpoint + "/")
+                assert huggingface_hub.hf_hub_url(REPO_ID, "x").startswith(
+                    running.hub_endpoint + "/"
+                )
                 assert huggingface_hub.HfApi().endpoint == running.hub_endpoint
                 assert hf_api.api.endpoint == running.hub_endpoint
                 assert "127.0.0.1" in constants.HF_URL_HOSTS
@@ -460,7 +487,9 @@ def test_endpoint_is_repointed_consistently_after_import(fake_repo, tmp_path):
                 )
                 huggingface_hub.HfApi().model_info(REPO_ID)
         assert first.hub.gets("/lm.ckpt") and second.hub.gets("/lm.ckpt")
-        assert first.hub.gets(f"/api/models/{REPO_ID}") and second.hub.gets(f"/api/models/{REPO_ID}")
+        assert first.hub.gets(f"/api/models/{REPO_ID}") and second.hub.gets(
+            f"/api/models/{REPO_ID}"
+        )
 
 
 def test_endpoint_changed_behind_our_back_is_refused(served, monkeypatch):

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from network_guard import _forbid_network  # noqa: F401 - autouse fixture
+
 from sbtemplate.profiles import profile_file
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,11 +35,20 @@ TIMEOUT_S = 420
 # both ranks decode), a short beam.
 TINY = f"--build_profile=!include:{profile_file('tiny')}"
 RUN_OVERRIDES = [
-    TINY, "--number_of_epochs=2", "--test_limit=6", "--test_batch_size=2",
-    "--max_decode_ratio=0.6", "--noprogressbar", "--collective_timeout_s=120",
+    TINY,
+    "--number_of_epochs=2",
+    "--test_limit=6",
+    "--test_batch_size=2",
+    "--max_decode_ratio=0.6",
+    "--noprogressbar",
+    "--collective_timeout_s=120",
 ]
-EVAL_NAMES = ("test_base_lm", "test_finetuned_brain", "test_finetuned_interface_load_audio",
-              "test_finetuned_interface_read_audio")
+EVAL_NAMES = (
+    "test_base_lm",
+    "test_finetuned_brain",
+    "test_finetuned_interface_load_audio",
+    "test_finetuned_interface_read_audio",
+)
 
 
 def _free_port():
@@ -49,25 +58,43 @@ def _free_port():
 
 
 def _env():
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
-               SBTEMPLATE_EVAL_TIMEOUT="120")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", SBTEMPLATE_EVAL_TIMEOUT="120")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     return env
 
 
 def torchrun(out, *extra, nproc=2, timeout=TIMEOUT_S, script="finetune.py"):
-    cmd = [str(TORCHRUN), "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), script, "finetune.yaml",
-           *RUN_OVERRIDES, f"--output_folder={out}", *extra]
-    return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True,
-                          timeout=timeout)
+    cmd = [
+        str(TORCHRUN),
+        "--nproc_per_node",
+        str(nproc),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        script,
+        "finetune.yaml",
+        *RUN_OVERRIDES,
+        f"--output_folder={out}",
+        *extra,
+    ]
+    return subprocess.run(
+        cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout
+    )
 
 
 def single(out, *extra, timeout=TIMEOUT_S):
-    cmd = [str(PYTHON), "finetune.py", "finetune.yaml", *RUN_OVERRIDES,
-           f"--output_folder={out}", *extra]
-    return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True,
-                          timeout=timeout)
+    cmd = [
+        str(PYTHON),
+        "finetune.py",
+        "finetune.yaml",
+        *RUN_OVERRIDES,
+        f"--output_folder={out}",
+        *extra,
+    ]
+    return subprocess.run(
+        cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout
+    )
 
 
 def _check(proc):
@@ -152,7 +179,11 @@ def test_resume_after_an_interruption_gives_the_same_lm(ddp_run, tmp_path):
     stopped = torchrun(out, "--stop_after_steps=5", *quick)
     assert stopped.returncode != 0
     assert stopped.stderr.count("stopped after 5 optimizer steps") == 2, stopped.stderr[-3000:]
-    intra = [c for c in (out / "save").glob("CKPT+*") if "brain_intra_epoch_ckpt: true" in (c / "CKPT.yaml").read_text()]
+    intra = [
+        c
+        for c in (out / "save").glob("CKPT+*")
+        if "brain_intra_epoch_ckpt: true" in (c / "CKPT.yaml").read_text()
+    ]
     assert len(intra) == 1, "no intra-epoch checkpoint written"
     resumed = _check(torchrun(out, *quick))
     # The second run started from the checkpoint the first one left.
@@ -178,7 +209,9 @@ def test_a_busy_output_folder_is_refused_on_every_rank(tiny_build, tmp_path):
     assert done.returncode != 0
     holder = f"output folder {out.resolve()} is in use by pid {os.getpid()} on "
     for rank in (0, 1):
-        lines = [line for line in done.stderr.splitlines() if line.startswith(f"rank {rank}: ERROR:")]
+        lines = [
+            line for line in done.stderr.splitlines() if line.startswith(f"rank {rank}: ERROR:")
+        ]
         assert len(lines) == 1 and holder in lines[0], done.stderr[-3000:]
     assert sorted(p.name for p in out.iterdir()) == [".run.lock", "save"]
     assert [p.name for p in (out / "save").iterdir()] == ["CKPT+earlier"]
@@ -189,10 +222,24 @@ def test_the_original_launch_line_runs_on_two_ranks(tiny_build, tmp_path, flag):
     """python -m torch.distributed.launch (the original template's line) passes
     --local-rank=N to every rank: the run takes it as torchrun's."""
     out = tmp_path / "launch"
-    cmd = [str(PYTHON), "-m", "torch.distributed.launch", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={_free_port()}", "finetune.py", "finetune.yaml", *RUN_OVERRIDES, *flag,
-           "--evaluate_base=False", "--evaluate_finetuned=False", f"--output_folder={out}"]
-    done = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=TIMEOUT_S)
+    cmd = [
+        str(PYTHON),
+        "-m",
+        "torch.distributed.launch",
+        "--nproc_per_node=2",
+        "--master_addr=127.0.0.1",
+        f"--master_port={_free_port()}",
+        "finetune.py",
+        "finetune.yaml",
+        *RUN_OVERRIDES,
+        *flag,
+        "--evaluate_base=False",
+        "--evaluate_finetuned=False",
+        f"--output_folder={out}",
+    ]
+    done = subprocess.run(
+        cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=TIMEOUT_S
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert results_of(out)["world_size"] == 2
     assert done.stderr.count("note: torch.distributed.launch is deprecated") == 1
@@ -221,13 +268,27 @@ def test_a_stalled_rank_is_named_with_what_the_run_was_doing(tiny_build, tmp_pat
     """Rank 1 stops answering in its first training step: rank 0 fails after
     the collective timeout, naming the rank and the stage."""
     overrides = [o for o in RUN_OVERRIDES if not o.startswith("--collective_timeout_s")]
-    cmd = [str(TORCHRUN), "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
-           "tests/stalled_finetune.py", "finetune.yaml", *overrides, "--collective_timeout_s=10",
-           "--evaluate_base=False", "--evaluate_finetuned=False", f"--output_folder={tmp_path / 'out'}"]
-    done = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=TIMEOUT_S)
+    cmd = [
+        str(TORCHRUN),
+        "--nproc_per_node=2",
+        "--master_addr=127.0.0.1",
+        f"--master_port={_free_port()}",
+        "tests/stalled_finetune.py",
+        "finetune.yaml",
+        *overrides,
+        "--collective_timeout_s=10",
+        "--evaluate_base=False",
+        "--evaluate_finetuned=False",
+        f"--output_folder={tmp_path / 'out'}",
+    ]
+    done = subprocess.run(
+        cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=TIMEOUT_S
+    )
     assert done.returncode != 0
-    assert ("rank 0: ERROR: rank 1 stopped answering during fine-tuning: a collective waited past "
-            "collective_timeout_s") in done.stderr, done.stderr[-3000:]
+    assert (
+        "rank 0: ERROR: rank 1 stopped answering during fine-tuning: a collective waited past "
+        "collective_timeout_s"
+    ) in done.stderr, done.stderr[-3000:]
 
 
 def test_two_nodes_on_loopback_match_one_node(ddp_run, tmp_path):
@@ -235,13 +296,31 @@ def test_two_nodes_on_loopback_match_one_node(ddp_run, tmp_path):
     port = _free_port()
     procs = []
     for node, host in ((0, "true"), (1, "false")):
-        cmd = [str(TORCHRUN), "--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend", "c10d",
-               "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "finetune-test",
-               "--rdzv_conf", f"is_host={host}", "--max_restarts", "0",
-               "finetune.py", "finetune.yaml", *RUN_OVERRIDES, f"--output_folder={out}"]
+        cmd = [
+            str(TORCHRUN),
+            "--nnodes",
+            "2",
+            "--nproc_per_node",
+            "1",
+            "--rdzv_backend",
+            "c10d",
+            "--rdzv_endpoint",
+            f"127.0.0.1:{port}",
+            "--rdzv_id",
+            "finetune-test",
+            "--rdzv_conf",
+            f"is_host={host}",
+            "--max_restarts",
+            "0",
+            "finetune.py",
+            "finetune.yaml",
+            *RUN_OVERRIDES,
+            f"--output_folder={out}",
+        ]
         log = open(tmp_path / f"node{node}.log", "w")
-        procs.append((subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=log,
-                                       stderr=subprocess.STDOUT), log))
+        procs.append(
+            (subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT), log)
+        )
     try:
         codes = [p.wait(timeout=TIMEOUT_S) for p, _ in procs]
     finally:
@@ -271,8 +350,10 @@ def test_override_of_a_missing_key_fails_on_every_rank(tmp_path, tiny_build):
         assert f"rank {rank}: ERROR: KeyError" in stderr and "no_such_key" in stderr, stderr[-3000:]
 
 
-@pytest.mark.parametrize("fault, reason", [("missing", "no such file"), ("narrowband", "8000 Hz"),
-                                           ("stereo", "2 channels")])
+@pytest.mark.parametrize(
+    "fault, reason",
+    [("missing", "no such file"), ("narrowband", "8000 Hz"), ("stereo", "2 channels")],
+)
 def test_unusable_audio_fails_on_every_rank_before_training(tmp_path, tiny_build, fault, reason):
     import soundfile
 
@@ -290,17 +371,25 @@ def test_unusable_audio_fails_on_every_rank_before_training(tmp_path, tiny_build
     manifest.write_text(json.dumps(entries))
     stderr = _bad_run(tmp_path, f"--test_annotation={manifest}")
     for rank in (0, 1):
-        assert re.search(rf"rank {rank}: ERROR: AudioFormatError: 1 of \d+ audio files listed in "
-                         rf"{re.escape(str(manifest))} cannot be used \(expected 16000 Hz mono", stderr), stderr[-3000:]
+        assert re.search(
+            rf"rank {rank}: ERROR: AudioFormatError: 1 of \d+ audio files listed in "
+            rf"{re.escape(str(manifest))} cannot be used \(expected 16000 Hz mono",
+            stderr,
+        ), stderr[-3000:]
     assert f"{first}: {bad}: {reason}" in stderr
-    assert not list((tmp_path / "bad").rglob("CKPT*")) and not (tmp_path / "bad" / "results.json").exists()
+    assert (
+        not list((tmp_path / "bad").rglob("CKPT*"))
+        and not (tmp_path / "bad" / "results.json").exists()
+    )
 
 
 def test_an_override_of_the_wrong_type_names_the_key(tmp_path, tiny_build):
     done = single(tmp_path / "out", "--seed=abc", timeout=240)
     assert done.returncode != 0
-    assert "rank 0: ERROR: ConfigError: --seed='abc': finetune.yaml gives seed as an integer" in done.stderr, (
-        done.stderr[-3000:])
+    assert (
+        "rank 0: ERROR: ConfigError: --seed='abc': finetune.yaml gives seed as an integer"
+        in done.stderr
+    ), done.stderr[-3000:]
 
 
 def test_a_yaml_syntax_error_names_the_file_and_line(tmp_path, tiny_build):
@@ -311,13 +400,17 @@ def test_a_yaml_syntax_error_names_the_file_and_line(tmp_path, tiny_build):
     cmd = [str(PYTHON), "finetune.py", str(broken), TINY, f"--output_folder={tmp_path / 'out'}"]
     done = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240)
     assert done.returncode != 0
-    assert f"rank 0: ERROR: ConfigError: {broken}: YAML syntax error at line " in done.stderr, done.stderr[-3000:]
+    assert f"rank 0: ERROR: ConfigError: {broken}: YAML syntax error at line " in done.stderr, (
+        done.stderr[-3000:]
+    )
     assert "<unicode string>" not in done.stderr
 
 
 def test_world_size_larger_than_the_batches_fails_on_every_rank(tmp_path, tiny_build):
-    one_batch = ("--train_dynamic_batching={max_batch_length: 10000000, num_buckets: null,"
-                 " bucket_boundaries: [1000], max_batch_ex: 100000}")
+    one_batch = (
+        "--train_dynamic_batching={max_batch_length: 10000000, num_buckets: null,"
+        " bucket_boundaries: [1000], max_batch_ex: 100000}"
+    )
     stderr = _bad_run(tmp_path, one_batch)
     for rank in (0, 1):
         assert f"rank {rank}: ERROR: NotEnoughBatches" in stderr, stderr[-3000:]
@@ -349,9 +442,14 @@ def test_wer_agrees_with_jiwer_on_the_merged_files(ddp_run):
         expected = 100 * jiwer.wer([r["reference"] for r in rows], [r["hypothesis"] for r in rows])
         summary = summary_of(ddp_run["out"], name)
         assert summary["WER"] == pytest.approx(expected, abs=1e-9)
-        per_rank = json.loads((ddp_run["out"] / "eval" / f"{name}_summary.json").read_text())["per_rank"]
+        per_rank = json.loads((ddp_run["out"] / "eval" / f"{name}_summary.json").read_text())[
+            "per_rank"
+        ]
         assert [r["rank"] for r in per_rank] == [0, 1]
-        assert sum(r["utterances"] for r in per_rank) == 6 and min(r["utterances"] for r in per_rank) > 0
+        assert (
+            sum(r["utterances"] for r in per_rank) == 6
+            and min(r["utterances"] for r in per_rank) > 0
+        )
 
 
 def test_world_size_one_gives_the_gathered_result_of_two(ddp_run, tmp_path):

@@ -13,15 +13,22 @@ from sbtemplate.ddp_dynamic_batching import (
 from sbtemplate.frozen import FrozenModule, freeze, state_digest, trainable_parameters
 
 LENGTHS = [3 + (7 * i) % 23 for i in range(101)]
-OPTIONS = dict(max_batch_length=120, num_buckets=4, shuffle=True, batch_ordering="random",
-               max_batch_ex=16, seed=7)
+OPTIONS = dict(
+    max_batch_length=120,
+    num_buckets=4,
+    shuffle=True,
+    batch_ordering="random",
+    max_batch_ex=16,
+    seed=7,
+)
 
 
 def shares(world_size, epoch=0, lengths=LENGTHS, **options):
     options = {**OPTIONS, **options}
     return [
-        DistributedDynamicBatchSampler(lengths, rank=r, world_size=world_size, epoch=epoch,
-                                       **options)
+        DistributedDynamicBatchSampler(
+            lengths, rank=r, world_size=world_size, epoch=epoch, **options
+        )
         for r in range(world_size)
     ]
 
@@ -51,8 +58,14 @@ def test_fewer_batches_than_ranks_is_a_clear_error():
     with pytest.raises(NotEnoughBatches, match="2 batches for a world size of 3"):
         equalize_batches([[0, 1], [2]], 3)
     with pytest.raises(NotEnoughBatches, match="world size of 2"):
-        shares(2, lengths=[5, 6, 7], max_batch_length=1000, num_buckets=None,
-               bucket_boundaries=[10], max_batch_ex=100)
+        shares(
+            2,
+            lengths=[5, 6, 7],
+            max_batch_length=1000,
+            num_buckets=None,
+            bucket_boundaries=[10],
+            max_batch_ex=100,
+        )
     with pytest.raises(NotEnoughBatches, match="cannot be shared equally"):
         equalize_batches([[0], [1], [2]], 2)
 
@@ -64,8 +77,13 @@ def test_splitting_keeps_items_and_balances_counts():
 
 def test_padding_stats():
     stats = padding_stats([[0, 1], [2]], [2, 4, 3])
-    assert stats == {"batches": 2, "items": 3, "real": 9.0, "padded": 11.0,
-                     "padding_fraction": pytest.approx(2 / 11)}
+    assert stats == {
+        "batches": 2,
+        "items": 3,
+        "real": 9.0,
+        "padded": 11.0,
+        "padding_fraction": pytest.approx(2 / 11),
+    }
 
 
 def test_frozen_module_stays_in_eval_mode_and_has_no_gradients():

@@ -68,12 +68,20 @@ sys.exit(code)
 
 
 def run_recipe(*args, timeout=600, env=None):
-    command = [sys.executable, "-c", GUARDED.format(tests=str(TESTS), recipe=str(RECIPE)),
-               str(HPARAMS), f"--build_profile=!include:{profile_file('tiny')}", *args]
+    command = [
+        sys.executable,
+        "-c",
+        GUARDED.format(tests=str(TESTS), recipe=str(RECIPE)),
+        str(HPARAMS),
+        f"--build_profile=!include:{profile_file('tiny')}",
+        *args,
+    ]
     env = {**os.environ, **(env or {})}
     env.pop("HF_ENDPOINT", None)  # the recipe points the Hub client itself
     started, before = time.monotonic(), resource.getrusage(resource.RUSAGE_CHILDREN)
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    done = subprocess.run(
+        command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     return done, {"wall": time.monotonic() - started, "cpu": cpu}
@@ -86,8 +94,13 @@ def debug_run(tiny_build, tmp_path_factory):
     done, seconds = run_recipe("--debug", "--output_folder", str(output))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     results = json.loads((output / "results.json").read_text())
-    return {"output": output, "seconds": seconds, "results": results, "paths": tiny_build,
-            "stdout": done.stdout}
+    return {
+        "output": output,
+        "seconds": seconds,
+        "results": results,
+        "paths": tiny_build,
+        "stdout": done.stdout,
+    }
 
 
 def test_debug_run_is_fast(debug_run):
@@ -118,7 +131,9 @@ def test_debug_run_writes_its_result_files(debug_run):
     test = json.loads((debug_run["paths"].manifests / "test.json").read_text())
     # The reported accuracy is the share of decoded semantics equal to the references.
     references = {uid: serialize_semantics(entry["semantics"]) for uid, entry in test.items()}
-    correct = sum(results["semantics"][uid] == references[uid] for uid in results["test_utterances"])
+    correct = sum(
+        results["semantics"][uid] == references[uid] for uid in results["test_utterances"]
+    )
     assert results["semantic_accuracy"] == pytest.approx(100.0 * correct / 16)
     assert f"{results['semantic_accuracy']:.2f}%" in semantics
     assert f"%WER {results['wer']['WER']:.2f}" in wer
@@ -130,7 +145,7 @@ def test_every_source_kind_is_used(debug_run):
     assert fetched == {
         "hyperparams.yaml": "huggingface",
         "asr.ckpt": "huggingface",
-        "lm_commands.ckpt": "url",   # the command-domain LM, not the Hub repo's lm.ckpt
+        "lm_commands.ckpt": "url",  # the command-domain LM, not the Hub repo's lm.ckpt
         "tokenizer.ckpt": "url",
         "normalizer.ckpt": "local",
     }
@@ -145,7 +160,9 @@ def test_debug_run_passes_the_regression_check(debug_run):
     digests = regression.file_digests(debug_run["paths"].model_dir / "manifest.json")
     if os.environ.get("SBTEMPLATE_UPDATE_EXPECTED") == "1":
         EXPECTED.parent.mkdir(parents=True, exist_ok=True)
-        EXPECTED.write_text(json.dumps(regression.expectation(results, digests), indent=1, sort_keys=True) + "\n")
+        EXPECTED.write_text(
+            json.dumps(regression.expectation(results, digests), indent=1, sort_keys=True) + "\n"
+        )
     assert EXPECTED.is_file(), f"no stored expectation {EXPECTED}: see this module's docstring"
     expected = json.loads(EXPECTED.read_text())
     note = regression.information(digests, expected)
@@ -154,7 +171,8 @@ def test_debug_run_passes_the_regression_check(debug_run):
     problems = regression.check(results, digests, expected)
     assert not problems, (
         "the --debug run moved beyond the regression tolerances (tests/regression.py):\n"
-        + "\n".join(problems) + (f"\n({note})" if note else "")
+        + "\n".join(problems)
+        + (f"\n({note})" if note else "")
     )
 
 
@@ -166,12 +184,18 @@ def test_a_changed_decoding_weight_fails_the_check(debug_run, tmp_path):
     results = json.loads((tmp_path / "results.json").read_text())
     digests = regression.file_digests(debug_run["paths"].model_dir / "manifest.json")
     problems = regression.check(results, digests, json.loads(EXPECTED.read_text()))
-    assert any(re.fullmatch(r"transcripts: \d+ of 16 identical to the stored ones \(at least 10\)", p)
-               for p in problems), problems
-    assert any(re.fullmatch(r"transcripts moved by \d+\.\d\d% WER from the stored ones \(at most 10%\)", p)
-               for p in problems), problems
+    assert any(
+        re.fullmatch(r"transcripts: \d+ of 16 identical to the stored ones \(at least 10\)", p)
+        for p in problems
+    ), problems
+    assert any(
+        re.fullmatch(r"transcripts moved by \d+\.\d\d% WER from the stored ones \(at most 10%\)", p)
+        for p in problems
+    ), problems
     # What does not depend on the recognizer did not move.
-    assert not any(p.startswith(("losses[0]", "losses[1]", "fetched", "test_utterances")) for p in problems)
+    assert not any(
+        p.startswith(("losses[0]", "losses[1]", "fetched", "test_utterances")) for p in problems
+    )
 
 
 def _other_kernels():
@@ -197,8 +221,14 @@ def test_a_build_on_other_cpu_kernels_passes_the_check(debug_run, tmp_path):
     (root / "tiny").mkdir(parents=True)
     (root / "tiny" / "corpus").symlink_to(paths.corpus)  # espeak-ng audio: portable, reused
     env = {**os.environ, **_other_kernels()}
-    built = subprocess.run([sys.executable, "-m", "sbtemplate.build", "--profile", "tiny", "--root", str(root)],
-                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    built = subprocess.run(
+        [sys.executable, "-m", "sbtemplate.build", "--profile", "tiny", "--root", str(root)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert built.returncode == 0, built.stderr[-3000:]
     other = ProfilePaths.for_profile("tiny", root)
     for name in ("normalizer.ckpt", "lm.ckpt", "lm_commands.ckpt"):
@@ -208,13 +238,23 @@ def test_a_build_on_other_cpu_kernels_passes_the_check(debug_run, tmp_path):
         for key, value in here.items():
             scale = value.abs().max().clamp_min(1e-12)
             assert (value - there[key]).abs().max() <= rtol * scale, f"{name}:{key}"
-    done, _ = run_recipe("--debug", "--artifacts", str(root), "--output_folder", str(tmp_path / "out"),
-                         env=_other_kernels())
+    done, _ = run_recipe(
+        "--debug",
+        "--artifacts",
+        str(root),
+        "--output_folder",
+        str(tmp_path / "out"),
+        env=_other_kernels(),
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     digests = regression.file_digests(other.model_dir / "manifest.json")
     problems = regression.check(results, digests, json.loads(EXPECTED.read_text()))
-    assert not problems, "\n".join(problems) + "\n" + regression.information(digests, json.loads(EXPECTED.read_text()))
+    assert not problems, (
+        "\n".join(problems)
+        + "\n"
+        + regression.information(digests, json.loads(EXPECTED.read_text()))
+    )
 
 
 def test_the_check_names_what_moved_and_by_how_much(debug_run):
@@ -234,24 +274,35 @@ def test_the_check_names_what_moved_and_by_how_much(debug_run):
         drifted["transcripts"][uid] += " EXTRA"
     drifted["wer"]["WER"] += 20
     problems = regression.check(drifted, digests, stored)
-    assert any(p.startswith("losses[1].valid_loss moved by +1.00e-02 relative") for p in problems), problems
+    assert any(
+        p.startswith("losses[1].valid_loss moved by +1.00e-02 relative") for p in problems
+    ), problems
     assert "transcripts: 9 of 16 identical to the stored ones (at least 10)" in problems
     assert any(p.startswith("WER against the references moved by +20.00 points") for p in problems)
 
     other_bytes = {**digests, "tokenizer.ckpt": "0" * 64, "asr.ckpt": "1" * 64}
     problems = regression.check(results, other_bytes, stored)
-    assert problems == [f"tokenizer.ckpt: its bytes changed (sha256 {digests['tokenizer.ckpt'][:12]} -> 000000000000)"]
+    assert problems == [
+        f"tokenizer.ckpt: its bytes changed (sha256 {digests['tokenizer.ckpt'][:12]} -> 000000000000)"
+    ]
     assert "asr.ckpt" in regression.information(other_bytes, stored)
 
     fewer = copy.deepcopy(results)
     fewer["losses"].pop()
     assert f"losses: expected {len(results['losses'])} entries, got {len(fewer['losses'])}" in (
-        regression.check(fewer, digests, stored))
+        regression.check(fewer, digests, stored)
+    )
 
 
 @pytest.mark.parametrize(
     "case",
-    ["missing_repo", "missing_url_file", "unreachable_url", "local_folder_without_file", "missing_local_folder"],
+    [
+        "missing_repo",
+        "missing_url_file",
+        "unreachable_url",
+        "local_folder_without_file",
+        "missing_local_folder",
+    ],
 )
 def test_a_wrong_source_fails_with_the_fetching_error(case, tiny_build, tmp_path):
     override, expected = {
@@ -264,7 +315,10 @@ def test_a_wrong_source_fails_with_the_fetching_error(case, tiny_build, tmp_path
             "Cannot fetch 'no-such-lm.ckpt' from URL http://127.0.0.1:",
         ),
         "unreachable_url": (
-            ["--tokenizer_source", f"http://127.0.0.1:{unused_loopback_port()}/models/tokenizer.ckpt"],
+            [
+                "--tokenizer_source",
+                f"http://127.0.0.1:{unused_loopback_port()}/models/tokenizer.ckpt",
+            ],
             "Cannot fetch 'tokenizer.ckpt' from URL http://127.0.0.1:",
         ),
         "local_folder_without_file": (
@@ -293,8 +347,13 @@ def test_a_wrong_source_fails_with_the_fetching_error(case, tiny_build, tmp_path
 
 
 def test_an_unbuilt_profile_is_reported(tmp_path):
-    done, _ = run_recipe("--artifacts", str(tmp_path / "nothing"), "--output_folder", str(tmp_path / "out"),
-                         timeout=300)
+    done, _ = run_recipe(
+        "--artifacts",
+        str(tmp_path / "nothing"),
+        "--output_folder",
+        str(tmp_path / "out"),
+        timeout=300,
+    )
     assert done.returncode == 2, done.stderr[-2000:]
     assert "CANNOT RUN: Nothing to serve" in done.stderr
     assert "python -m sbtemplate.build --profile tiny" in done.stderr
@@ -302,8 +361,10 @@ def test_an_unbuilt_profile_is_reported(tmp_path):
 
 
 def test_semantics_serialisation_round_trips():
-    semantics = {"intent": "convert_units",
-                 "slots": {"to": "kilometers", "amount": "ninety five", "from": "miles"}}
+    semantics = {
+        "intent": "convert_units",
+        "slots": {"to": "kilometers", "amount": "ninety five", "from": "miles"},
+    }
     text = serialize_semantics(semantics)
     assert text == "convert_units | amount = ninety five | from = miles | to = kilometers"
     assert parse_semantics(text) == semantics
@@ -323,7 +384,10 @@ def test_a_busy_output_folder_is_refused_untouched(tiny_build, tmp_path):
     finally:
         release_output_folder(out)
     assert done.returncode == 2, done.stderr[-2000:]
-    assert f"CANNOT RUN: output folder {out.resolve()} is in use by pid {os.getpid()} on " in done.stderr
+    assert (
+        f"CANNOT RUN: output folder {out.resolve()} is in use by pid {os.getpid()} on "
+        in done.stderr
+    )
     assert "Traceback" not in done.stderr
     assert [p for p in out.rglob("*") if p.is_file()] == [out / ".run.lock"]  # nothing written
     assert time.monotonic() - started < 60

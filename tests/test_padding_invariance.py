@@ -20,9 +20,20 @@ import torch
 from speechbrain.inference.ASR import EncoderDecoderASR
 from speechbrain.lobes.models.CRDNN import CRDNN
 from speechbrain.nnet.CNN import Conv2d
-from speechbrain.nnet.RNN import LSTM, pack_padded_sequence
 from speechbrain.nnet.pooling import Pooling1d
+from speechbrain.nnet.RNN import LSTM, pack_padded_sequence
 
+from sbtemplate.benchmarks import diagnostics as diag
+from sbtemplate.benchmarks.decoding import (
+    by_length,
+    compare,
+    decode,
+    dynamic_batches,
+    fixed_size_batches,
+    wer,
+)
+from sbtemplate.benchmarks.padding import data_root
+from sbtemplate.benchmarks.random_model import write_random_recognizer
 from sbtemplate.padding_invariant import (
     PaddingInvariantCRDNN,
     PaddingInvariantS2SRNNBeamSearcher,
@@ -36,17 +47,6 @@ from sbtemplate.padding_invariant.encoder import (
 )
 from sbtemplate.padding_invariant.selection import rnn_greedy_searcher
 from sbtemplate.padding_invariant.sub_batches import length_groups
-from sbtemplate.benchmarks import diagnostics as diag
-from sbtemplate.benchmarks.decoding import (
-    by_length,
-    compare,
-    decode,
-    dynamic_batches,
-    fixed_size_batches,
-    wer,
-)
-from sbtemplate.benchmarks.padding import data_root
-from sbtemplate.benchmarks.random_model import write_random_recognizer
 from sbtemplate.paths import ProfilePaths
 
 SAMPLE_RATE = 16000
@@ -166,7 +166,9 @@ def test_conv_own_padding_matches_lone_utterance(mode, kernel, dilation):
 
 
 def test_conv_circular_padding_is_refused():
-    conv = Conv2d(out_channels=2, kernel_size=(3, 3), input_shape=(1, 9, 4, 1), padding_mode="circular")
+    conv = Conv2d(
+        out_channels=2, kernel_size=(3, 3), input_shape=(1, 9, 4, 1), padding_mode="circular"
+    )
     with pytest.raises(TypeError, match="circular"):
         conv2d_own_padding(conv, torch.randn(2, 9, 4, 1), torch.tensor([9, 5]))
 
@@ -761,9 +763,7 @@ def test_vectorized_ctc_prefix_score_equals_the_stock_one(partial):
             assert (a is None and b is None) or torch.equal(a, b)
         # next step: a random choice of (beam, token) per utterance, as the searcher makes
         width = outs[0][0].shape[-1]
-        pick = torch.stack(
-            [torch.randperm(beam * width, generator=g)[:beam] for _ in range(batch)]
-        )
+        pick = torch.stack([torch.randperm(beam * width, generator=g)[:beam] for _ in range(batch)])
         states = [s.permute_mem(o[1], pick) for s, o in zip(scorers, outs)]
         tokens = (pick % width).view(-1)
         assert all(torch.equal(a, b) for a, b in zip(states[0], states[1]))

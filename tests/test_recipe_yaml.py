@@ -15,15 +15,26 @@ ROOT = Path(__file__).resolve().parent.parent
 FINETUNE = ROOT / "finetune.yaml"
 MULTISOURCE = ROOT / "multisource_mini_recipe.yaml"
 # What the searchers are built with, as attribute names of S2SRNNBeamSearcher.
-SEARCH_SETTINGS = ("beam_size", "eos_threshold", "bos_index", "eos_index", "min_decode_ratio",
-                   "max_decode_ratio", "temperature", "using_max_attn_shift", "max_attn_shift")
+SEARCH_SETTINGS = (
+    "beam_size",
+    "eos_threshold",
+    "bos_index",
+    "eos_index",
+    "min_decode_ratio",
+    "max_decode_ratio",
+    "temperature",
+    "using_max_attn_shift",
+    "max_attn_shift",
+)
 
 
 def load_recipe(path, profile, tmp_path):
     """The recipe file with the profile selected as a user selects it (the
     default: nothing), its generated paths under ``tmp_path``."""
     overrides = "" if profile == "full" else include_override(profile) + "\n"
-    overrides += f"artifacts: {tmp_path}\nhub_endpoint: http://127.0.0.1:9\nurl_base: http://127.0.0.1:9\n"
+    overrides += (
+        f"artifacts: {tmp_path}\nhub_endpoint: http://127.0.0.1:9\nurl_base: http://127.0.0.1:9\n"
+    )
     with open(path) as handle:
         return load_hyperpyyaml(handle, overrides)
 
@@ -61,20 +72,31 @@ def test_finetune_yaml_states_the_published_recognizer(profile, tmp_path):
 
 def test_the_built_recognizer_is_what_the_profile_publishes(tiny_build):
     """The tiny build's hyperparams.yaml is the one ``published_hparams`` gives."""
-    assert (tiny_build.model_dir / "hyperparams.yaml").read_text() == build.published_hparams("tiny")
+    assert (tiny_build.model_dir / "hyperparams.yaml").read_text() == build.published_hparams(
+        "tiny"
+    )
 
 
 @pytest.mark.parametrize("profile", profile_names())
 def test_training_yamls_build_the_published_modules(profile, tmp_path):
     """base_asr.yaml and base_lm.yaml train the networks hyperparams.yaml loads."""
     overrides = {"output_folder": str(tmp_path), "train_annotation": "a", "valid_annotation": "b"}
-    asr = build._load_hparams("base_asr.yaml", profile, **overrides, data_root="d",
-                              noise_annotation="n", rir_annotation="r")
+    asr = build._load_hparams(
+        "base_asr.yaml",
+        profile,
+        **overrides,
+        data_root="d",
+        noise_annotation="n",
+        rir_annotation="r",
+    )
     lm = build._load_hparams("base_lm.yaml", profile, **overrides)
     published = load_hyperpyyaml(io.StringIO(build.published_hparams(profile)))
     assert shapes(asr["model"]) == shapes(published["asr_model"])
     assert shapes(lm["model"]) == shapes(published["lm_model"])
-    assert asr["compute_features"].compute_STFT.hop_length == published["compute_features"].compute_STFT.hop_length
+    assert (
+        asr["compute_features"].compute_STFT.hop_length
+        == published["compute_features"].compute_STFT.hop_length
+    )
 
 
 @pytest.mark.parametrize("profile", profile_names())

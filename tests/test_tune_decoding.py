@@ -18,9 +18,22 @@ def test_score_counts_word_and_sentence_errors():
 
 def test_grid_on_the_dev_split_picks_the_lowest_wer(tiny_build, tmp_path):
     out = tmp_path / "weights.json"
-    tune_decoding.main(["--profile", "tiny", "--lm", str(tiny_build.model_dir / "lm_commands.ckpt"),
-                        "--lm-weights", "0.0", "1.0", "--ctc-weights", "0.0", "0.5",
-                        "--json", str(out)])
+    tune_decoding.main(
+        [
+            "--profile",
+            "tiny",
+            "--lm",
+            str(tiny_build.model_dir / "lm_commands.ckpt"),
+            "--lm-weights",
+            "0.0",
+            "1.0",
+            "--ctc-weights",
+            "0.0",
+            "0.5",
+            "--json",
+            str(out),
+        ]
+    )
     result = json.loads(out.read_text())
     dev = json.loads((tiny_build.manifests / "valid_target.json").read_text())
     assert result["utterances"] == len(dev) > 0
@@ -51,20 +64,36 @@ def test_missing_lm_file_is_refused(tiny_build, tmp_path, capsys):
 
 def test_ctc_weight_one_is_refused(tiny_build, capsys):
     with pytest.raises(SystemExit):
-        tune_decoding.main(["--profile", "tiny", "--model", str(tiny_build.model_dir),
-                            "--ctc-weights", "1.0"])
+        tune_decoding.main(
+            ["--profile", "tiny", "--model", str(tiny_build.model_dir), "--ctc-weights", "1.0"]
+        )
     assert "--ctc-weights" in capsys.readouterr().err
 
 
 def test_eos_thresholds_join_the_grid(tiny_build, tmp_path):
     out = tmp_path / "settings.json"
-    tune_decoding.main(["--profile", "tiny", "--lm-weights", "0.5", "--ctc-weights", "0.5",
-                        "--eos-thresholds", "1.0", "100.0", "--json", str(out)])
+    tune_decoding.main(
+        [
+            "--profile",
+            "tiny",
+            "--lm-weights",
+            "0.5",
+            "--ctc-weights",
+            "0.5",
+            "--eos-thresholds",
+            "1.0",
+            "100.0",
+            "--json",
+            str(out),
+        ]
+    )
     result = json.loads(out.read_text())
     assert [r["eos_threshold"] for r in result["grid"]] == [1.0, 100.0]
     # The best entry is the grid's lowest WER (then SER).
     assert result["best"] in result["grid"]
-    assert (result["best"]["WER"], result["best"]["SER"]) == min((r["WER"], r["SER"]) for r in result["grid"])
+    assert (result["best"]["WER"], result["best"]["SER"]) == min(
+        (r["WER"], r["SER"]) for r in result["grid"]
+    )
     # The threshold reaches the searcher: at 1.0 EOS must be the best token to
     # end a hypothesis, at 100 almost any score will do, and the barely
     # trained tiny decoder ends its hypotheses elsewhere.

@@ -36,13 +36,21 @@ def timed_run(profile, policy, output_folder):
     """Wall seconds of one single-process fine-tuning run under ``policy``."""
     env = {**os.environ, "OMP_WAIT_POLICY": policy}
     env.pop("OMP_NUM_THREADS", None)  # the default thread count, as a user runs it
-    cmd = [sys.executable, "finetune.py", "finetune.yaml", f"--build_profile=!include:{profile_file(profile)}", "--number_of_epochs=1",
-           f"--output_folder={output_folder}"]
+    cmd = [
+        sys.executable,
+        "finetune.py",
+        "finetune.yaml",
+        f"--build_profile=!include:{profile_file(profile)}",
+        "--number_of_epochs=1",
+        f"--output_folder={output_folder}",
+    ]
     started = time.monotonic()
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     seconds = time.monotonic() - started
     if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed under OMP_WAIT_POLICY={policy}:\n{done.stderr[-2000:]}")
+        raise RuntimeError(
+            f"{' '.join(cmd)} failed under OMP_WAIT_POLICY={policy}:\n{done.stderr[-2000:]}"
+        )
     return seconds
 
 
@@ -53,8 +61,11 @@ def measure(profile, repeats, hogs):
         for repeat in range(repeats):
             for condition in ("alone", "busy"):
                 for policy in POLICIES:
-                    procs = [subprocess.Popen([sys.executable, "-c", HOG]) for _ in range(hogs)
-                             ] if condition == "busy" else []
+                    procs = (
+                        [subprocess.Popen([sys.executable, "-c", HOG]) for _ in range(hogs)]
+                        if condition == "busy"
+                        else []
+                    )
                     try:
                         out = Path(scratch) / f"{policy}-{condition}-{repeat}"
                         times[policy][condition].append(timed_run(profile, policy, out))
@@ -62,8 +73,11 @@ def measure(profile, repeats, hogs):
                         for proc in procs:
                             proc.kill()
                             proc.wait()
-                    print(f"repeat {repeat + 1}/{repeats} {condition:5} {policy:7} "
-                          f"{times[policy][condition][-1]:.1f} s", flush=True)
+                    print(
+                        f"repeat {repeat + 1}/{repeats} {condition:5} {policy:7} "
+                        f"{times[policy][condition][-1]:.1f} s",
+                        flush=True,
+                    )
     return times
 
 
@@ -72,14 +86,25 @@ def report(times, hogs):
     rows = {}
     for policy, cond in times.items():
         alone, busy = statistics.median(cond["alone"]), statistics.median(cond["busy"])
-        rows[policy] = {"alone_s": alone, "busy_s": busy, "busy_over_alone": busy / alone,
-                        "alone_all": cond["alone"], "busy_all": cond["busy"]}
-    print(f"\nOne process of finetune.py, 1 epoch, alone and beside {hogs} CPU-bound processes "
-          f"(median of {len(times['PASSIVE']['alone'])}; all runs in brackets):")
+        rows[policy] = {
+            "alone_s": alone,
+            "busy_s": busy,
+            "busy_over_alone": busy / alone,
+            "alone_all": cond["alone"],
+            "busy_all": cond["busy"],
+        }
+    print(
+        f"\nOne process of finetune.py, 1 epoch, alone and beside {hogs} CPU-bound processes "
+        f"(median of {len(times['PASSIVE']['alone'])}; all runs in brackets):"
+    )
     for policy, row in rows.items():
-        print(f"  OMP_WAIT_POLICY={policy:7}: alone {row['alone_s']:.1f} s {_all(row['alone_all'])}, busy "
-              f"{row['busy_s']:.1f} s {_all(row['busy_all'])}: {row['busy_over_alone']:.2f}x")
-    print(f"  busy, PASSIVE / ACTIVE: {rows['PASSIVE']['busy_s'] / rows['ACTIVE']['busy_s']:.2f}x the time")
+        print(
+            f"  OMP_WAIT_POLICY={policy:7}: alone {row['alone_s']:.1f} s {_all(row['alone_all'])}, busy "
+            f"{row['busy_s']:.1f} s {_all(row['busy_all'])}: {row['busy_over_alone']:.2f}x"
+        )
+    print(
+        f"  busy, PASSIVE / ACTIVE: {rows['PASSIVE']['busy_s'] / rows['ACTIVE']['busy_s']:.2f}x the time"
+    )
     return rows
 
 

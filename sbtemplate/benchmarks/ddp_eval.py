@@ -118,8 +118,10 @@ def worker(job):
         out_dir = Path(job["out_dir"])
         overrides = {"beam_size": job["beam_size"]} if job["beam_size"] else {}
         asr = EncoderDecoderASR.from_hparams(
-            source=job["model_dir"], savedir=str(out_dir / f"savedir_rank{rank}"),
-            overrides=overrides, run_opts={"device": "cpu"},
+            source=job["model_dir"],
+            savedir=str(out_dir / f"savedir_rank{rank}"),
+            overrides=overrides,
+            run_opts={"device": "cpu"},
         )
         items, lengths = read_items(job["manifest"], job["data_root"], job["limit"])
         load = asr.load_audio if job["reader"] == "load_audio" else read_audio
@@ -132,8 +134,11 @@ def worker(job):
             padded, rel = batch_pad_right([load(wav) for _, wav, _ in batch])
             with torch.no_grad():
                 words, _ = asr.transcribe_batch(padded, rel)
-            stats.append([i for i, _, _ in batch], [w.split() for w in words],
-                         [ref.split() for _, _, ref in batch])
+            stats.append(
+                [i for i, _, _ in batch],
+                [w.split() for w in words],
+                [ref.split() for _, _, ref in batch],
+            )
             busy[0] += time.perf_counter() - t
             busy[1] += len(batch)
 
@@ -141,15 +146,29 @@ def worker(job):
         dist.barrier(group=group)
         t0 = time.perf_counter()
         report = evaluate_sharded(
-            items, lengths, score_batch, batch_size=job["batch_size"], group=group,
-            name="bench", out_dir=out_dir, printer=None,
+            items,
+            lengths,
+            score_batch,
+            batch_size=job["batch_size"],
+            group=group,
+            name="bench",
+            out_dir=out_dir,
+            printer=None,
         )
         wall = time.perf_counter() - t0
-        ranks = exchange({"rank": rank, "busy_s": busy[0], "utterances": busy[1], "ready_s": ready},
-                         group=group, what="benchmark timing")
+        ranks = exchange(
+            {"rank": rank, "busy_s": busy[0], "utterances": busy[1], "ready_s": ready},
+            group=group,
+            what="benchmark timing",
+        )
         if rank == 0:
-            result = {"wall_s": wall, "ranks": ranks, "WER": report.wer,
-                      "utterances": len(items), "threads_per_rank": job["threads"]}
+            result = {
+                "wall_s": wall,
+                "ranks": ranks,
+                "WER": report.wer,
+                "utterances": len(items),
+                "threads_per_rank": job["threads"],
+            }
             (out_dir / "result.json").write_text(json.dumps(result, indent=2))
     finally:
         dist.destroy_process_group()
@@ -169,14 +188,34 @@ def launch(world_size, job, out_dir, timeout_s):
     procs = []
     start = time.monotonic()
     for rank in range(world_size):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank),
-                   WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                   OMP_NUM_THREADS=str(job["threads"]))
+        env = dict(
+            os.environ,
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            WORLD_SIZE=str(world_size),
+            LOCAL_WORLD_SIZE=str(world_size),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            OMP_NUM_THREADS=str(job["threads"]),
+        )
         log = open(out_dir / f"rank{rank}.log", "w")
-        procs.append((subprocess.Popen(
-            [sys.executable, "-m", "sbtemplate.benchmarks.ddp_eval", "--worker", str(job_file)],
-            env=env, stdout=log, stderr=subprocess.STDOUT), log))
+        procs.append(
+            (
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "sbtemplate.benchmarks.ddp_eval",
+                        "--worker",
+                        str(job_file),
+                    ],
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                ),
+                log,
+            )
+        )
     failed = []
     for rank, (proc, log) in enumerate(procs):
         try:
@@ -197,9 +236,22 @@ def launch(world_size, job, out_dir, timeout_s):
     return result
 
 
-def run(ranks=(1, 2), repeats=1, n_utterances=16, min_s=1.0, max_s=3.0, batch_size=4,
-        beam_size=None, model_dir=None, manifest=None, data_root=None, reader="load_audio",
-        threads_per_rank=None, timeout_s=1200, work_dir=None):
+def run(
+    ranks=(1, 2),
+    repeats=1,
+    n_utterances=16,
+    min_s=1.0,
+    max_s=3.0,
+    batch_size=4,
+    beam_size=None,
+    model_dir=None,
+    manifest=None,
+    data_root=None,
+    reader="load_audio",
+    threads_per_rank=None,
+    timeout_s=1200,
+    work_dir=None,
+):
     """Benchmark each world size in ``ranks``; returns the figures as a dict."""
     cores = available_cores()
     work = Path(work_dir or tempfile.mkdtemp(prefix="ddp_eval_bench_"))
@@ -214,14 +266,27 @@ def run(ranks=(1, 2), repeats=1, n_utterances=16, min_s=1.0, max_s=3.0, batch_si
         limit = None
     else:
         limit = n_utterances
-    figures = {"cores": cores, "random_model": random_model, "batch_size": batch_size,
-               "beam_size": beam_size, "reader": reader, "runs": {}}
+    figures = {
+        "cores": cores,
+        "random_model": random_model,
+        "batch_size": batch_size,
+        "beam_size": beam_size,
+        "reader": reader,
+        "runs": {},
+    }
     for world_size in ranks:
         threads = threads_per_rank or max(1, cores // world_size)
-        job = {"model_dir": str(model_dir), "manifest": str(manifest),
-               "data_root": str(data_root), "limit": limit, "batch_size": batch_size,
-               "beam_size": beam_size, "reader": reader, "threads": threads,
-               "timeout_s": timeout_s}
+        job = {
+            "model_dir": str(model_dir),
+            "manifest": str(manifest),
+            "data_root": str(data_root),
+            "limit": limit,
+            "batch_size": batch_size,
+            "beam_size": beam_size,
+            "reader": reader,
+            "threads": threads,
+            "timeout_s": timeout_s,
+        }
         best = None
         for repeat in range(repeats):
             result = launch(world_size, job, work / f"ws{world_size}_r{repeat}", timeout_s)
@@ -230,7 +295,7 @@ def run(ranks=(1, 2), repeats=1, n_utterances=16, min_s=1.0, max_s=3.0, batch_si
         figures["runs"][world_size] = best
     base = figures["runs"][ranks[0]]
     base_tsv = Path(base["out_dir"]) / "bench_utterances.tsv"
-    for world_size, result in figures["runs"].items():
+    for result in figures["runs"].values():
         result["ratio_to_first"] = result["wall_s"] / base["wall_s"]
         tsv = Path(result["out_dir"]) / "bench_utterances.tsv"
         result["identical_hypotheses"] = tsv.read_text() == base_tsv.read_text()
@@ -262,8 +327,12 @@ def main(argv=None):
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--repeats", type=int, default=1, help="runs per world size (best kept)")
-    parser.add_argument("--utterances", type=int, default=16,
-                        help="synthetic set size, or the first N of --manifest (0: all)")
+    parser.add_argument(
+        "--utterances",
+        type=int,
+        default=16,
+        help="synthetic set size, or the first N of --manifest (0: all)",
+    )
     parser.add_argument("--min-s", type=float, default=1.0, help="synthetic utterance lengths")
     parser.add_argument("--max-s", type=float, default=3.0)
     parser.add_argument("--batch-size", type=int, default=4)
@@ -272,8 +341,9 @@ def main(argv=None):
     parser.add_argument("--manifest", help="JSON descriptor (default: synthetic noise)")
     parser.add_argument("--data-root", help="replaces {data_root} in the manifest")
     parser.add_argument("--reader", choices=("load_audio", "read_audio"), default="load_audio")
-    parser.add_argument("--threads-per-rank", type=int, default=None,
-                        help="default: cores // ranks")
+    parser.add_argument(
+        "--threads-per-rank", type=int, default=None, help="default: cores // ranks"
+    )
     parser.add_argument("--timeout", type=float, default=1200)
     parser.add_argument("--work-dir")
     parser.add_argument("--json", help="write the figures here")
@@ -284,11 +354,20 @@ def main(argv=None):
     if args.manifest and not args.data_root:
         parser.error("--manifest needs --data-root")
     figures = run(
-        ranks=tuple(args.ranks), repeats=args.repeats, n_utterances=args.utterances,
-        min_s=args.min_s, max_s=args.max_s, batch_size=args.batch_size,
-        beam_size=args.beam_size, model_dir=args.model_dir, manifest=args.manifest,
-        data_root=args.data_root, reader=args.reader, threads_per_rank=args.threads_per_rank,
-        timeout_s=args.timeout, work_dir=args.work_dir,
+        ranks=tuple(args.ranks),
+        repeats=args.repeats,
+        n_utterances=args.utterances,
+        min_s=args.min_s,
+        max_s=args.max_s,
+        batch_size=args.batch_size,
+        beam_size=args.beam_size,
+        model_dir=args.model_dir,
+        manifest=args.manifest,
+        data_root=args.data_root,
+        reader=args.reader,
+        threads_per_rank=args.threads_per_rank,
+        timeout_s=args.timeout,
+        work_dir=args.work_dir,
     )
     print(format_table(figures))
     if args.json:

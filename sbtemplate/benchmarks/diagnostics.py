@@ -37,8 +37,7 @@ def pad_batch(seqs):
 
 def _valid_diff(batch_out, lone_outs):
     return max(
-        (batch_out[i, : o.shape[1]] - o[0]).abs().max().item()
-        for i, o in enumerate(lone_outs)
+        (batch_out[i, : o.shape[1]] - o[0]).abs().max().item() for i, o in enumerate(lone_outs)
     )
 
 
@@ -119,7 +118,9 @@ def encoder_lengths(asr, wavs):
     wavs = [w.to(asr.device) for w in wavs]
     batch, rel = pad_batch(wavs)
     out = asr.encode_batch(batch, rel)
-    own = [asr.encode_batch(w.unsqueeze(0), torch.ones(1, device=asr.device)).shape[1] for w in wavs]
+    own = [
+        asr.encode_batch(w.unsqueeze(0), torch.ones(1, device=asr.device)).shape[1] for w in wavs
+    ]
     seen = frame_lengths_of(out)
     if seen is None:
         seen = torch.round(out.shape[1] * rel)
@@ -174,9 +175,7 @@ def stage_report(asr, wavs):
     """All per-stage figures for one recognizer, as a dict."""
     wavs = [w.to(asr.device) for w in wavs]
     own, seen = encoder_lengths(asr, wavs)
-    same, total, score_diff, _, _ = search_leak(
-        asr.mods.decoder, lone_encoder_outputs(asr, wavs)
-    )
+    same, total, score_diff, _, _ = search_leak(asr.mods.decoder, lone_encoder_outputs(asr, wavs))
     return {
         "features_max_diff": feature_leak(asr, wavs),
         "conv_boundary_max_diff": conv_boundary_leak(asr, wavs),

@@ -61,13 +61,15 @@ def speech_batch(manifest, data_root, tokenizer, size, bos, eos):
     items = []
     for i in ids:
         tokens = tokenizer.encode_as_ids(entries[i]["words"])
-        items.append({
-            "id": i,
-            "sig": read_audio(entries[i]["wav"].replace("{data_root}", str(data_root))),
-            "tokens_bos": torch.LongTensor([bos] + tokens),
-            "tokens_eos": torch.LongTensor(tokens + [eos]),
-            "tokens": torch.LongTensor(tokens),
-        })
+        items.append(
+            {
+                "id": i,
+                "sig": read_audio(entries[i]["wav"].replace("{data_root}", str(data_root))),
+                "tokens_bos": torch.LongTensor([bos] + tokens),
+                "tokens_eos": torch.LongTensor(tokens + [eos]),
+                "tokens": torch.LongTensor(tokens),
+            }
+        )
     return PaddedBatch(items)
 
 
@@ -116,7 +118,8 @@ def asr_step_fn(hparams, ctc_weight=0.3, blank_index=0):
         p_seq = torch.log_softmax(seq_lin(decoded), dim=-1)
         p_ctc = torch.log_softmax(ctc_lin(encoded), dim=-1)
         loss = (1 - ctc_weight) * _nll(p_seq, tokens_eos, eos_lens) + ctc_weight * ctc_loss(
-            p_ctc, tokens, wav_lens, tok_lens, blank_index=blank_index)
+            p_ctc, tokens, wav_lens, tok_lens, blank_index=blank_index
+        )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -154,11 +157,13 @@ def batching_comparison(hparams, text_file, dynamic_opts, fixed_batch_size, seed
     )
     from sbtemplate.lm_finetuning import dataset_lengths, lm_text_dataset, read_text_split
 
-    dataset = lm_text_dataset(read_text_split(text_file), hparams["tokenizer"],
-                              hparams["bos_index"], hparams["eos_index"])
+    dataset = lm_text_dataset(
+        read_text_split(text_file), hparams["tokenizer"], hparams["bos_index"], hparams["eos_index"]
+    )
     lengths = dataset_lengths(dataset)
-    sampler = DistributedDynamicBatchSampler(lengths, seed=seed, rank=0, world_size=1,
-                                             epoch=1, **dynamic_opts)
+    sampler = DistributedDynamicBatchSampler(
+        lengths, seed=seed, rank=0, world_size=1, epoch=1, **dynamic_opts
+    )
     if not fixed_batch_size:  # as many batches as the dynamic plan
         fixed_batch_size = max(1, round(len(lengths) / len(sampler.rank_batches)))
     fixed, fixed_stats = fixed_size_batches_stats(lengths, fixed_batch_size, seed=seed)
@@ -170,8 +175,12 @@ def batching_comparison(hparams, text_file, dynamic_opts, fixed_batch_size, seed
         lm_epoch(hparams, dataset, batches[:2])  # warm-up shapes
         hparams["lm_model"].load_state_dict(initial)
         wall = lm_epoch(hparams, dataset, batches)
-        out[name] = dict(stats, wall_s=wall, tokens_per_s=stats["real"] / wall,
-                         sentences_per_s=stats["items"] / wall)
+        out[name] = dict(
+            stats,
+            wall_s=wall,
+            tokens_per_s=stats["real"] / wall,
+            sentences_per_s=stats["items"] / wall,
+        )
     hparams["lm_model"].load_state_dict(initial)
     out["fixed"]["batch_size"] = fixed_batch_size
     out["dynamic"]["options"] = dynamic_opts
@@ -205,11 +214,19 @@ def run(profile="tiny", batch_size=8, repeats=5, fixed_batch_size=None, threads=
     work = Path(tempfile.mkdtemp(prefix="finetune_bench_"))
     hparams = load_recognizer(paths.model_dir, work / "pretrained")
     tokenizer = hparams["tokenizer"]
-    batch = speech_batch(paths.manifests / "train.json", paths.corpus / "LibriSpeech",
-                         tokenizer, batch_size, hparams["bos_index"], hparams["eos_index"])
+    batch = speech_batch(
+        paths.manifests / "train.json",
+        paths.corpus / "LibriSpeech",
+        tokenizer,
+        batch_size,
+        hparams["bos_index"],
+        hparams["eos_index"],
+    )
     initial_lm = copy.deepcopy(hparams["lm_model"].state_dict())
     lm_step, lm_params = lm_step_fn(hparams)
-    asr_step, asr_params = asr_step_fn(hparams, hparams["ctc_weight_decode"], hparams["blank_index"])
+    asr_step, asr_params = asr_step_fn(
+        hparams, hparams["ctc_weight_decode"], hparams["blank_index"]
+    )
     lm_time = time_steps(lm_step, batch, repeats)
     asr_time = time_steps(asr_step, batch, repeats)
     hparams["lm_model"].load_state_dict(initial_lm)
@@ -224,8 +241,13 @@ def run(profile="tiny", batch_size=8, repeats=5, fixed_batch_size=None, threads=
             "whole_recognizer": dict(asr_time, trainable_params=asr_params),
             "ratio": asr_time["median_s"] / lm_time["median_s"],
         },
-        "batching": batching_comparison(hparams, paths.manifests / "target_lm_train.json",
-                                        finetune_yaml_batching(), fixed_batch_size, seed),
+        "batching": batching_comparison(
+            hparams,
+            paths.manifests / "target_lm_train.json",
+            finetune_yaml_batching(),
+            fixed_batch_size,
+            seed,
+        ),
         "load_average": os.getloadavg()[0],
     }
     d, f = figures["batching"]["dynamic"], figures["batching"]["fixed"]
@@ -249,8 +271,10 @@ def format_table(fig):
     for name in ("dynamic", "fixed"):
         r = b[name]
         label = name if name == "dynamic" else f"fixed ({r['batch_size']})"
-        lines.append(f"  {label:18} {r['batches']:>7} {100 * r['padding_fraction']:>7.1f}%"
-                     f" {r['wall_s']:>7.2f} {r['tokens_per_s']:>9.0f} {r['sentences_per_s']:>7.1f}")
+        lines.append(
+            f"  {label:18} {r['batches']:>7} {100 * r['padding_fraction']:>7.1f}%"
+            f" {r['wall_s']:>7.2f} {r['tokens_per_s']:>9.0f} {r['sentences_per_s']:>7.1f}"
+        )
     lines.append(f"  dynamic/fixed throughput: {b['throughput_ratio']:.2f}x")
     return "\n".join(lines)
 
@@ -260,8 +284,12 @@ def main(argv=None):
     parser.add_argument("--profile", default="tiny", choices=profile_names())
     parser.add_argument("--batch-size", type=int, default=8, help="utterances in the step batch")
     parser.add_argument("--repeats", type=int, default=5, help="timed steps (median kept)")
-    parser.add_argument("--fixed-batch-size", type=int, default=None,
-                        help="default: the dynamic plan's mean batch size (same number of steps)")
+    parser.add_argument(
+        "--fixed-batch-size",
+        type=int,
+        default=None,
+        help="default: the dynamic plan's mean batch size (same number of steps)",
+    )
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args(argv)

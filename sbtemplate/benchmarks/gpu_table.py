@@ -30,8 +30,10 @@ def _fmt(value, spec=".2f"):
 
 def table(out_dir, cpu_reference):
     out_dir = Path(out_dir)
-    lines = ["| run | device | WER base LM | WER fine-tuned (Brain) | paths identical | jiwer agrees | ASR frozen | LM ranks identical |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| run | device | WER base LM | WER fine-tuned (Brain) | paths identical | jiwer agrees | ASR frozen | LM ranks identical |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     runs = {name: _load(out_dir / folder / "results.json") for name, folder in RUNS.items()}
     runs["CPU reference (this repo's CPU run)"] = _load(cpu_reference)
     wers = {}
@@ -43,7 +45,11 @@ def table(out_dir, cpu_reference):
         paths = res.get("paths", {})
         jiwer = paths.get("jiwer_wer", {})
         tuned = wer.get("finetuned_brain")
-        agrees = all(v is not None and abs(v - tuned) < 1e-9 for v in jiwer.values()) if jiwer and tuned is not None else None
+        agrees = (
+            all(v is not None and abs(v - tuned) < 1e-9 for v in jiwer.values())
+            if jiwer and tuned is not None
+            else None
+        )
         lines.append(
             f"| {name} | {res.get('device')} | {_fmt(wer.get('base_lm'))} | {_fmt(tuned)} | "
             f"{paths.get('identical_hypotheses', '-')} | {agrees} | "
@@ -56,9 +62,13 @@ def table(out_dir, cpu_reference):
     gpu1, cpu = wers.get("1 rank, NCCL, cuda:0"), wers.get("CPU reference (this repo's CPU run)")
     if gpu1 and cpu and None not in gpu1 + cpu:
         diff = max(abs(a - b) for a, b in zip(gpu1, cpu))
-        lines.append(f"\nWER difference, 1-rank GPU run against the 1-process CPU run: {diff:.4f} points")
+        lines.append(
+            f"\nWER difference, 1-rank GPU run against the 1-process CPU run: {diff:.4f} points"
+        )
 
-    lines.append("\n| decoding (tiny profile) | GPU utt/s | CPU utt/s | GPU/CPU | identical to bs1 (GPU) |")
+    lines.append(
+        "\n| decoding (tiny profile) | GPU utt/s | CPU utt/s | GPU/CPU | identical to bs1 (GPU) |"
+    )
     lines.append("|---|---|---|---|---|")
     gpu, cpu = _load(out_dir / "decode_gpu.json"), _load(out_dir / "decode_cpu.json")
     if gpu and cpu:
@@ -68,8 +78,10 @@ def table(out_dir, cpu_reference):
                 for batching, g in g_set["utterances_per_wall_second"][variant].items():
                     c = c_set["utterances_per_wall_second"][variant][batching]
                     same = g_set["identical_to_bs1"][variant][batching]
-                    lines.append(f"| {set_name}: {variant} {batching} | {g:.2f} | {c:.2f} | "
-                                 f"{g / c:.2f} | {same}/{g_set['utterances']} |")
+                    lines.append(
+                        f"| {set_name}: {variant} {batching} | {g:.2f} | {c:.2f} | "
+                        f"{g / c:.2f} | {same}/{g_set['utterances']} |"
+                    )
         test_g, test_c = gpu["sets"]["test"], cpu["sets"]["test"]
         lines.append(f"\nWER (GPU, padding-invariant): {test_g['wer'].get('padding_invariant')}")
         lines.append(f"WER (CPU, padding-invariant): {test_c['wer'].get('padding_invariant')}")
@@ -77,15 +89,23 @@ def table(out_dir, cpu_reference):
         lines.append("| missing | | | | |")
     steps = out_dir / "steps.txt"
     if steps.is_file():
-        lines.append("\nSteps (rc, seconds):\n\n" + "\n".join(f"    {s}" for s in steps.read_text().splitlines()))
+        lines.append(
+            "\nSteps (rc, seconds):\n\n"
+            + "\n".join(f"    {s}" for s in steps.read_text().splitlines())
+        )
     return "\n".join(lines)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir")
-    parser.add_argument("--cpu-reference",
-                        default=ProfilePaths.for_profile("tiny").root / "results" / "gpu_reference_cpu" / "results.json")
+    parser.add_argument(
+        "--cpu-reference",
+        default=ProfilePaths.for_profile("tiny").root
+        / "results"
+        / "gpu_reference_cpu"
+        / "results.json",
+    )
     args = parser.parse_args(argv)
     print(table(args.out_dir, args.cpu_reference))
     return 0

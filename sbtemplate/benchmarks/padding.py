@@ -43,7 +43,6 @@ from pathlib import Path
 
 import torch
 
-from sbtemplate.profiles import profile_names
 from sbtemplate.benchmarks import diagnostics
 from sbtemplate.benchmarks.decoding import (
     by_length,
@@ -55,6 +54,7 @@ from sbtemplate.benchmarks.decoding import (
 )
 from sbtemplate.padding_invariant.encoder import normalizer_statistics_to
 from sbtemplate.paths import ProfilePaths
+from sbtemplate.profiles import profile_names
 
 SAMPLE_RATE = 16000
 #: Recognizers compared: name -> (padding_invariant, decode batches whole).
@@ -366,8 +366,10 @@ def run(
     try:
         asrs = {
             name: load_recognizer(
-                model_dir, Path(tmp.name) / f"savedir_{name}",
-                padding_invariant=RECOGNIZERS[name][0], beam_size=beam_size,
+                model_dir,
+                Path(tmp.name) / f"savedir_{name}",
+                padding_invariant=RECOGNIZERS[name][0],
+                beam_size=beam_size,
                 whole=RECOGNIZERS[name][1],
             )
             for name in recognizers
@@ -415,8 +417,7 @@ def format_set(name, fig, recognizers):
         f"Set {name!r}: {n} utterances, {fig['audio_seconds']} s of audio "
         f"({fig['shortest_seconds']}-{fig['longest_seconds']} s each)",
         "",
-        f"{'batching':<12} {'batches':>7} | "
-        + " | ".join(f"{r:^34}" for r in recognizers),
+        f"{'batching':<12} {'batches':>7} | " + " | ".join(f"{r:^34}" for r in recognizers),
         f"{'':<12} {'':>7} | "
         + " | ".join(f"{'WER %':>6} {'same':>7} {'utt/s (min-max)':>19}" for _ in recognizers),
     ]
@@ -432,13 +433,23 @@ def format_set(name, fig, recognizers):
         lines.append(row)
     r = fig["ratios"]
     lines += ["", "padding-invariant speed ratios (medians):"]
-    lines.append("  vs its own bs1:    " + ", ".join(f"{b} {v:.2f}x" for b, v in r["vs_bs1"].items()))
-    lines.append("  file vs sorted:    " + ", ".join(f"{b} {v:.2f}x" for b, v in r["file_vs_sorted"].items()))
+    lines.append(
+        "  vs its own bs1:    " + ", ".join(f"{b} {v:.2f}x" for b, v in r["vs_bs1"].items())
+    )
+    lines.append(
+        "  file vs sorted:    " + ", ".join(f"{b} {v:.2f}x" for b, v in r["file_vs_sorted"].items())
+    )
     if "vs_stock" in r:
-        lines.append("  vs stock:          " + ", ".join(f"{b} {v:.2f}x" for b, v in r["vs_stock"].items()))
+        lines.append(
+            "  vs stock:          " + ", ".join(f"{b} {v:.2f}x" for b, v in r["vs_stock"].items())
+        )
     if "vs_whole" in r:
-        lines.append("  vs whole batches:  " + ", ".join(f"{b} {v:.2f}x" for b, v in r["vs_whole"].items()))
-    lines.append("  goals: " + ", ".join(f"{g} {'yes' if ok else 'NO'}" for g, ok in r["goals"].items()))
+        lines.append(
+            "  vs whole batches:  " + ", ".join(f"{b} {v:.2f}x" for b, v in r["vs_whole"].items())
+        )
+    lines.append(
+        "  goals: " + ", ".join(f"{g} {'yes' if ok else 'NO'}" for g, ok in r["goals"].items())
+    )
     if "stock_bs1_identical_to_padding_invariant_bs1" in fig:
         lines.append(
             f"  stock bs1 hypotheses identical to padding-invariant bs1: "
@@ -489,10 +500,15 @@ def main(argv=None):
     parser.add_argument("--allow-random", action="store_true")
     parser.add_argument("--no-stages", action="store_true")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each (default 3)")
-    parser.add_argument("--long-form", type=int, default=32,
-                        help="utterances in the long-form set (0: none; default 32)")
-    parser.add_argument("--recognizers", nargs="+", default=list(RECOGNIZERS),
-                        choices=list(RECOGNIZERS))
+    parser.add_argument(
+        "--long-form",
+        type=int,
+        default=32,
+        help="utterances in the long-form set (0: none; default 32)",
+    )
+    parser.add_argument(
+        "--recognizers", nargs="+", default=list(RECOGNIZERS), choices=list(RECOGNIZERS)
+    )
     parser.add_argument("--sets", nargs="+", default=["test", "long"], choices=["test", "long"])
     parser.add_argument("--json", default=None, help="also write the figures here")
     args = parser.parse_args(argv)

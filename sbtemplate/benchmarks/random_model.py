@@ -21,11 +21,25 @@ from sbtemplate.build import inference_hparams
 # The sizes and decoding values of the random recognizer (the ``recognizer``
 # block of a profile): two LSTM layers, larger than the tiny profile.
 RANDOM_RECOGNIZER = {
-    "output_neurons": 200, "hop_length": 10, "cnn_channels": (32, 64), "time_pooling_size": 4,
-    "rnn_type": "LSTM", "rnn_layers": 2, "rnn_neurons": 128, "dnn_neurons": 128, "emb_size": 64,
-    "dec_neurons": 128, "attn_dim": 128, "lm_emb_size": 64, "lm_rnn_layers": 2,
-    "lm_rnn_neurons": 256, "lm_dnn_neurons": 128,
-    "beam_size": 8, "lm_weight": 0.5, "ctc_weight_decode": 0.3, "eos_threshold": 1.5,
+    "output_neurons": 200,
+    "hop_length": 10,
+    "cnn_channels": (32, 64),
+    "time_pooling_size": 4,
+    "rnn_type": "LSTM",
+    "rnn_layers": 2,
+    "rnn_neurons": 128,
+    "dnn_neurons": 128,
+    "emb_size": 64,
+    "dec_neurons": 128,
+    "attn_dim": 128,
+    "lm_emb_size": 64,
+    "lm_rnn_layers": 2,
+    "lm_rnn_neurons": 256,
+    "lm_dnn_neurons": 128,
+    "beam_size": 8,
+    "lm_weight": 0.5,
+    "ctc_weight_decode": 0.3,
+    "eos_threshold": 1.5,
 }
 
 _SYLLABLES = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
@@ -33,10 +47,7 @@ _SYLLABLES = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
 
 def _sentences(n, seed):
     rng = random.Random(seed)
-    words = [
-        "".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(1, 4)))
-        for _ in range(600)
-    ]
+    words = ["".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(1, 4))) for _ in range(600)]
     return [" ".join(rng.choice(words) for _ in range(rng.randint(3, 12))) for _ in range(n)]
 
 
@@ -78,8 +89,9 @@ def write_random_recognizer(folder, seed=0, recognizer=None):
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    text = inference_hparams(RANDOM_RECOGNIZER if recognizer is None else recognizer,
-                             "the random recognizer")
+    text = inference_hparams(
+        RANDOM_RECOGNIZER if recognizer is None else recognizer, "the random recognizer"
+    )
     hp = load_hyperpyyaml(text)
     g = torch.Generator().manual_seed(seed + 1)
     normalizer = hp["normalizer"]

@@ -139,7 +139,9 @@ def _synthesize_in_fresh_process(jobs, progress):
     with ctx.Pool(1) as pool:
         for _ in tqdm(
             pool.imap(_synthesize_job, jobs, chunksize=16),
-            total=len(jobs), desc="synthesising speech", disable=not progress,
+            total=len(jobs),
+            desc="synthesising speech",
+            disable=not progress,
         ):
             pass
 
@@ -189,7 +191,9 @@ def _write_noise(folder, count, rng, babble_sources):
         elif kind == "hum":
             t = np.arange(n) / TARGET_SAMPLE_RATE
             base = rng.choice([50.0, 60.0])
-            x = sum(np.sin(2 * np.pi * base * k * t + rng.uniform(0, 6.28)) / k for k in range(1, 6))
+            x = sum(
+                np.sin(2 * np.pi * base * k * t + rng.uniform(0, 6.28)) / k for k in range(1, 6)
+            )
             x = x + 0.05 * rng.standard_normal(n)
         else:
             x = np.zeros(n)
@@ -199,7 +203,12 @@ def _write_noise(folder, count, rng, babble_sources):
                 start = int(rng.integers(0, n - s.size + 1))
                 x[start : start + s.size] += s
         x = 0.3 * x / (np.max(np.abs(x)) + 1e-9)
-        sf.write(folder / f"noise_{i:03d}_{kind}.wav", x.astype(np.float32), TARGET_SAMPLE_RATE, subtype="PCM_16")
+        sf.write(
+            folder / f"noise_{i:03d}_{kind}.wav",
+            x.astype(np.float32),
+            TARGET_SAMPLE_RATE,
+            subtype="PCM_16",
+        )
 
 
 def _write_rirs(folder, count, rng):
@@ -218,4 +227,9 @@ def _write_rirs(folder, count, rng):
             k = int(rng.integers(delay, min(n, delay + 800)))
             tail[k] += rng.uniform(0.2, 0.6) * rng.choice([-1, 1])
         rir = tail / np.max(np.abs(tail))
-        sf.write(folder / f"rir_{i:03d}.wav", rir.astype(np.float32), TARGET_SAMPLE_RATE, subtype="PCM_16")
+        sf.write(
+            folder / f"rir_{i:03d}.wav",
+            rir.astype(np.float32),
+            TARGET_SAMPLE_RATE,
+            subtype="PCM_16",
+        )

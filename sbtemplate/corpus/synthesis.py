@@ -48,9 +48,7 @@ class EspeakSynthesizer:
         try:
             import espeakng_loader
         except ImportError as err:  # pragma: no cover - covered by requirements
-            raise RuntimeError(
-                "espeakng-loader is not installed: run ./install.sh"
-            ) from err
+            raise RuntimeError("espeakng-loader is not installed: run ./install.sh") from err
         self._lib = ctypes.CDLL(espeakng_loader.get_library_path())
         self._lib.espeak_Initialize.restype = ctypes.c_int
         data_path = espeakng_loader.get_data_path().encode()
@@ -97,8 +95,14 @@ class EspeakSynthesizer:
             self._chunks = []
             encoded = text.encode("utf-8") + b"\0"
             status = self._lib.espeak_Synth(
-                ctypes.c_char_p(encoded), len(encoded), 0, _POS_CHARACTER, 0,
-                _ESPEAK_CHARS_UTF8, None, None,
+                ctypes.c_char_p(encoded),
+                len(encoded),
+                0,
+                _POS_CHARACTER,
+                0,
+                _ESPEAK_CHARS_UTF8,
+                None,
+                None,
             )
             if status != _EE_OK:
                 raise RuntimeError(f"espeak-ng failed ({status}) on {text!r}")

@@ -120,7 +120,9 @@ class DDPEvalMixin:
     def make_dataloader(self, dataset, stage, ckpt_prefix="dataloader-", **loader_kwargs):
         if self._ddp_eval_stage(stage):
             loader_kwargs = sharded_eval_loader_kwargs(
-                dataset, loader_kwargs, length_key=self.ddp_eval_length_key,
+                dataset,
+                loader_kwargs,
+                length_key=self.ddp_eval_length_key,
                 sort=self.ddp_eval_sort,
             )
             loader_kwargs["batch_sampler"].item_ids = dataset_ids(dataset)
@@ -134,10 +136,15 @@ class DDPEvalMixin:
             acc[1] += 1
         return super().update_average(loss, avg_loss)
 
-    def evaluate(self, test_set, max_key=None, min_key=None, progressbar=None,
-                 test_loader_kwargs=None):
+    def evaluate(
+        self, test_set, max_key=None, min_key=None, progressbar=None, test_loader_kwargs=None
+    ):
         return self._ddp_eval_run(
-            "TEST", super().evaluate, test_set, max_key=max_key, min_key=min_key,
+            "TEST",
+            super().evaluate,
+            test_set,
+            max_key=max_key,
+            min_key=min_key,
             progressbar=progressbar,
             test_loader_kwargs=dict(test_loader_kwargs or {}),
         )
@@ -173,8 +180,7 @@ class DDPEvalMixin:
                 except Exception as exc:
                     if is_distributed() and not state["exchanged"]:
                         state["exchanged"] = True
-                        exchange(error=exc, group=group,
-                                 what=f"{stage_name.lower()} evaluation")
+                        exchange(error=exc, group=group, what=f"{stage_name.lower()} evaluation")
                     raise
             if is_distributed() and not state["exchanged"]:
                 raise RuntimeError(
@@ -186,8 +192,9 @@ class DDPEvalMixin:
             self._ddp_eval_state = None
             self._ddp_eval_loss = None
 
-    def gather_eval_stats(self, stage, stats, out_dir=None, name=None, sb_wer_file=False,
-                          printer=print_flush):
+    def gather_eval_stats(
+        self, stage, stats, out_dir=None, name=None, sb_wer_file=False, printer=print_flush
+    ):
         """Gather ``stats`` (an ``ErrorRateStats``) of all ranks: call once from ``on_stage_end``.
 
         Returns an :class:`~sbtemplate.distributed.gather.EvalReport`, the
@@ -209,7 +216,12 @@ class DDPEvalMixin:
             expected = self._ddp_eval_expected_ids().get(stage_name)
         loss = self._ddp_eval_loss
         return gather_error_rate_stats(
-            stats, expected_ids=expected, loss=tuple(loss) if loss else None,
-            group=self.ddp_eval_group, name=name or stage_name.lower(),
-            out_dir=out_dir, sb_wer_file=sb_wer_file, printer=printer,
+            stats,
+            expected_ids=expected,
+            loss=tuple(loss) if loss else None,
+            group=self.ddp_eval_group,
+            name=name or stage_name.lower(),
+            out_dir=out_dir,
+            sb_wer_file=sb_wer_file,
+            printer=printer,
         )

@@ -38,8 +38,14 @@ SUMMARY_FIELDS = (
     "error_rate",
 )
 UTTERANCE_COLUMNS = (
-    "id", "reference", "hypothesis", "errors",
-    "insertions", "deletions", "substitutions", "ref_words",
+    "id",
+    "reference",
+    "hypothesis",
+    "errors",
+    "insertions",
+    "deletions",
+    "substitutions",
+    "ref_words",
 )
 
 
@@ -51,8 +57,11 @@ class LedgerError(RuntimeError):
         self.missing = missing
         self.unexpected = unexpected
         parts = []
-        for name, ids in (("duplicated", duplicated), ("missing", missing),
-                          ("unexpected", unexpected)):
+        for name, ids in (
+            ("duplicated", duplicated),
+            ("missing", missing),
+            ("unexpected", unexpected),
+        ):
             if ids:
                 shown = ", ".join(map(str, ids[:10])) + (" ..." if len(ids) > 10 else "")
                 parts.append(f"{len(ids)} {name} ({shown})")
@@ -160,8 +169,13 @@ class EvalReport:
             ref = s.get("ref_tokens") or []
             hyp = s.get("hyp_tokens") or []
             yield (
-                str(s["key"]), " ".join(map(str, ref)), " ".join(map(str, hyp)),
-                s["num_edits"], s["insertions"], s["deletions"], s["substitutions"],
+                str(s["key"]),
+                " ".join(map(str, ref)),
+                " ".join(map(str, hyp)),
+                s["num_edits"],
+                s["insertions"],
+                s["deletions"],
+                s["substitutions"],
                 s["num_ref_tokens"],
             )
 
@@ -201,8 +215,17 @@ def read_utterance_file(path):
     return rows
 
 
-def gather_error_rate_stats(stats, expected_ids=None, loss=None, group=None, name="test",
-                            error=None, out_dir=None, sb_wer_file=False, printer=print_flush):
+def gather_error_rate_stats(
+    stats,
+    expected_ids=None,
+    loss=None,
+    group=None,
+    name="test",
+    error=None,
+    out_dir=None,
+    sb_wer_file=False,
+    printer=print_flush,
+):
     """Gather every rank's ``ErrorRateStats`` into one :class:`EvalReport`.
 
     Collective: every rank calls it once per evaluation, whatever the size of
@@ -228,8 +251,7 @@ def gather_error_rate_stats(stats, expected_ids=None, loss=None, group=None, nam
     """
     payload = None
     if error is None:
-        payload = {"scores": list(stats.scores), "ids": [str(i) for i in stats.ids],
-                   "loss": loss}
+        payload = {"scores": list(stats.scores), "ids": [str(i) for i in stats.ids], "loss": loss}
     gathered = exchange(payload, error=error, group=group, what=f"{name} evaluation")
     rank, world_size = rank_and_world_size(group)
 
@@ -255,7 +277,8 @@ def gather_error_rate_stats(stats, expected_ids=None, loss=None, group=None, nam
                 report.write(out_dir, sb_wer_file=sb_wer_file)
         except Exception as exc:  # noqa: BLE001 - sent to every rank below
             write_error = exc
-    files = exchange(report.files if rank == 0 else None, error=write_error,
-                     group=group, what=f"{name} report")[0]
+    files = exchange(
+        report.files if rank == 0 else None, error=write_error, group=group, what=f"{name} report"
+    )[0]
     report.files = dict(files or {})
     return report

@@ -20,9 +20,22 @@ from .gather import gather_error_rate_stats, print_flush
 from .sharding import shard_items
 
 
-def evaluate_sharded(items, lengths, score_batch, batch_size=None, dynamic=None,
-                     stats=None, expected_ids=None, id_of=None, group=None, name="test",
-                     out_dir=None, sb_wer_file=False, sort="ascending", printer=print_flush):
+def evaluate_sharded(
+    items,
+    lengths,
+    score_batch,
+    batch_size=None,
+    dynamic=None,
+    stats=None,
+    expected_ids=None,
+    id_of=None,
+    group=None,
+    name="test",
+    out_dir=None,
+    sb_wer_file=False,
+    sort="ascending",
+    printer=print_flush,
+):
     """Score this rank's share of ``items`` with ``score_batch(batch, stats)`` and gather.
 
     Collective: every rank calls it with the same ``items`` and ``lengths``.
@@ -40,12 +53,17 @@ def evaluate_sharded(items, lengths, score_batch, batch_size=None, dynamic=None,
         stats = ErrorRateStats()
     error = None
     try:
-        for batch in shard_items(items, lengths, batch_size=batch_size, dynamic=dynamic,
-                                 sort=sort):
+        for batch in shard_items(items, lengths, batch_size=batch_size, dynamic=dynamic, sort=sort):
             score_batch(batch, stats)
     except Exception as exc:  # noqa: BLE001 - sent to every rank by the gather
         error = exc
     return gather_error_rate_stats(
-        stats, expected_ids=expected_ids, group=group, name=name, error=error,
-        out_dir=out_dir, sb_wer_file=sb_wer_file, printer=printer,
+        stats,
+        expected_ids=expected_ids,
+        group=group,
+        name=name,
+        error=error,
+        out_dir=out_dir,
+        sb_wer_file=sb_wer_file,
+        printer=printer,
     )

@@ -170,8 +170,9 @@ class ShardedEvalBatchSampler(Sampler):
         Dataset size, to check that the plan is a partition.
     """
 
-    def __init__(self, batches, lengths=None, rank=None, world_size=None,
-                 sort="ascending", num_items=None):
+    def __init__(
+        self, batches, lengths=None, rank=None, world_size=None, sort="ascending", num_items=None
+    ):
         _check_sort(sort)
         default_rank, default_world = rank_and_world_size()
         self.rank = default_rank if rank is None else int(rank)
@@ -206,15 +207,22 @@ class ShardedEvalBatchSampler(Sampler):
         return cls(batches, lengths, rank, world_size, sort=sort, num_items=len(lengths))
 
     @classmethod
-    def from_batch_sampler(cls, batch_sampler, num_items, lengths=None, rank=None,
-                           world_size=None, sort="ascending"):
+    def from_batch_sampler(
+        cls, batch_sampler, num_items, lengths=None, rank=None, world_size=None, sort="ascending"
+    ):
         """Shard the batches of an existing, deterministic batch sampler.
 
         Its batches are materialised once; a sampler that drops items (or
         differs between processes) is refused by the partition check.
         """
-        return cls([list(b) for b in batch_sampler], lengths, rank, world_size,
-                   sort=sort, num_items=num_items)
+        return cls(
+            [list(b) for b in batch_sampler],
+            lengths,
+            rank,
+            world_size,
+            sort=sort,
+            num_items=num_items,
+        )
 
     def __iter__(self):
         for batch in self.rank_batches:
@@ -258,8 +266,9 @@ def dataset_ids(dataset):
     return None if data_ids is None else [str(i) for i in data_ids]
 
 
-def sharded_eval_loader_kwargs(dataset, loader_kwargs, rank=None, world_size=None,
-                               length_key="length", sort="ascending"):
+def sharded_eval_loader_kwargs(
+    dataset, loader_kwargs, rank=None, world_size=None, length_key="length", sort="ascending"
+):
     """DataLoader kwargs that make a VALID/TEST loader DDP-valid.
 
     Replaces ``batch_size`` (fixed batches over length-sorted items) or a given
@@ -300,8 +309,9 @@ def sharded_eval_loader_kwargs(dataset, loader_kwargs, rank=None, world_size=Non
     return kwargs
 
 
-def shard_items(items, lengths, rank=None, world_size=None, batch_size=None,
-                dynamic=None, sort="ascending"):
+def shard_items(
+    items, lengths, rank=None, world_size=None, batch_size=None, dynamic=None, sort="ascending"
+):
     """This rank's batches of ``items`` (e.g. ``(id, wav, words)`` tuples).
 
     The same plan as :func:`sharded_eval_loader_kwargs`, for code that does

@@ -49,13 +49,7 @@ Typical use (see single_node_pretrained.py)::
     from speechbrain.inference.ASR import EncoderDecoderASR  # after setup
 """
 
-from sbtemplate.fetching.errors import (
-    KIND_HUB,
-    KIND_LOCAL,
-    KIND_URL,
-    FetchError,
-    HubEndpointError,
-)
+from sbtemplate.fetching.coordination import fetch
 from sbtemplate.fetching.endpoint import (
     PUBLIC_HUB_ENDPOINT,
     check_hub_endpoint,
@@ -63,9 +57,14 @@ from sbtemplate.fetching.endpoint import (
     hub_endpoint,
     use_hub_endpoint,
 )
+from sbtemplate.fetching.errors import (
+    KIND_HUB,
+    KIND_LOCAL,
+    KIND_URL,
+    FetchError,
+    HubEndpointError,
+)
 from sbtemplate.fetching.fetch_policy import FetchPolicy, configure, get_policy, policy
-from sbtemplate.fetching.records import FetchRecord, fetch_log
-from sbtemplate.fetching.coordination import fetch
 from sbtemplate.fetching.hook import install, installed, setup, uninstall
 from sbtemplate.fetching.recipe import (
     ENDPOINT_MODES,
@@ -75,6 +74,7 @@ from sbtemplate.fetching.recipe import (
     fetch_endpoints,
     read_plain_keys,
 )
+from sbtemplate.fetching.records import FetchRecord, fetch_log
 
 __all__ = [
     "KIND_LOCAL",

@@ -41,7 +41,11 @@ def _relative_link_within_artifacts(link):
     link = Path(link)
     target = Path(os.readlink(link))
     root = artifacts_root().resolve()
-    if not (target.is_absolute() and target.is_relative_to(root) and link.parent.resolve().is_relative_to(root)):
+    if not (
+        target.is_absolute()
+        and target.is_relative_to(root)
+        and link.parent.resolve().is_relative_to(root)
+    ):
         return
     relative = os.path.relpath(target, link.parent.resolve())
     tmp = link.with_name(link.name + ".relinking")
@@ -52,7 +56,15 @@ def _relative_link_within_artifacts(link):
 
 
 def _fetch_here(
-    filename, source, savedir, save_filename, local_strategy, fetch_config, *, network, after_main=False
+    filename,
+    source,
+    savedir,
+    save_filename,
+    local_strategy,
+    fetch_config,
+    *,
+    network,
+    after_main=False,
 ):
     kind, where = _kind_of(source)
     if save_filename is None:
@@ -61,13 +73,15 @@ def _fetch_here(
     changes = {}
     if fetch_config.allow_network != allowed:
         changes["allow_network"] = allowed
-    if kind == KIND_HUB and fetch_config.huggingface_cache_dir is None and get_policy().hub_cache_dir:
+    if (
+        kind == KIND_HUB
+        and fetch_config.huggingface_cache_dir is None
+        and get_policy().hub_cache_dir
+    ):
         changes["huggingface_cache_dir"] = get_policy().hub_cache_dir
     if changes:
         fetch_config = dataclasses.replace(fetch_config, **changes)
-    request = _Request(
-        kind, where, filename, savedir, save_filename, local_strategy, fetch_config
-    )
+    request = _Request(kind, where, filename, savedir, save_filename, local_strategy, fetch_config)
     started = time.monotonic()
     if kind == KIND_LOCAL:
         path, status = _fetch_local(request)
@@ -132,7 +146,9 @@ def _fetch_hub(request):
         problem = _unreachable(current_hub_endpoint()) or _not_a_working_hub(request)
         if problem is not None:
             if not cached:
-                raise request.error(f"the Hub at {current_hub_endpoint()} cannot be used ({problem})")
+                raise request.error(
+                    f"the Hub at {current_hub_endpoint()} cannot be used ({problem})"
+                )
             # Server down but the file is cached: work from the cache.
             request.config = dataclasses.replace(request.config, allow_network=False)
     try:
@@ -147,8 +163,9 @@ def _fetch_hub(request):
         def verify(path):
             _verify(request, path, manifest, purge=lambda: _purge_hub(request, path))
 
-        path, still_cached = _verified_or_fetched_again(request, path, was_there, verify,
-                                                         request.sb_fetch)
+        path, still_cached = _verified_or_fetched_again(
+            request, path, was_there, verify, request.sb_fetch
+        )
         cached = cached and still_cached
     return Path(path), ("cached" if cached else "downloaded")
 
@@ -163,8 +180,11 @@ def _verified_or_fetched_again(request, path, was_there, verify, fetch_again):
     except FetchError:
         if not (was_there and request.config.allow_network):
             raise
-    logger.info("%s in %s does not match its source's manifest: fetching it again",
-                request.filename, request.savedir)
+    logger.info(
+        "%s in %s does not match its source's manifest: fetching it again",
+        request.filename,
+        request.savedir,
+    )
     try:
         path = fetch_again()
     except Exception as exc:  # noqa: BLE001
@@ -223,7 +243,9 @@ def _url_cache(base_url):
     is in it is verified against the server's manifest on every use)."""
     parts = urlsplit(base_url.rstrip("/"))
     if parts.hostname in ("localhost", "::1") or (parts.hostname or "").startswith("127."):
-        parts = parts._replace(netloc=parts.hostname if ":" not in parts.hostname else f"[{parts.hostname}]")
+        parts = parts._replace(
+            netloc=parts.hostname if ":" not in parts.hostname else f"[{parts.hostname}]"
+        )
     key = hashlib.sha1(parts.geturl().encode()).hexdigest()[:16]
     return _cache_root() / "url" / key
 
@@ -267,8 +289,9 @@ def _fetch_url(request):
             with _socket_timeout(get_policy().io_timeout):
                 return request.sb_fetch()
 
-        path, still_cached = _verified_or_fetched_again(request, path, was_there, verify,
-                                                         fetch_again)
+        path, still_cached = _verified_or_fetched_again(
+            request, path, was_there, verify, fetch_again
+        )
         was_there = was_there and still_cached
     return Path(path), ("cached" if was_there else "downloaded")
 
@@ -293,7 +316,9 @@ def _url_manifest(request, refresh=False):
         with urllib.request.urlopen(url, timeout=get_policy().io_timeout) as response:
             data = response.read()
     except (urllib.error.URLError, OSError, ValueError) as exc:
-        raise request.error(f"cannot verify it: {url} is unavailable ({_describe(exc, request)})") from exc
+        raise request.error(
+            f"cannot verify it: {url} is unavailable ({_describe(exc, request)})"
+        ) from exc
     tmp = folder / f".{MANIFEST_NAME}.{os.getpid()}.tmp"
     tmp.write_bytes(data)
     tmp.replace(target)

@@ -103,7 +103,9 @@ def _describe(exc, request):
                 return "repository not found (or private)"
             if isinstance(error, hf_errors.RemoteEntryNotFoundError):
                 return "file not found in the repo"
-            if isinstance(error, (hf_errors.LocalEntryNotFoundError, hf_errors.OfflineModeIsEnabled)):
+            if isinstance(
+                error, (hf_errors.LocalEntryNotFoundError, hf_errors.OfflineModeIsEnabled)
+            ):
                 if not request.config.allow_network:
                     return "not in the local cache, and network access is disabled"
                 return "not in the local cache, and the Hub could not be reached"

@@ -40,7 +40,7 @@ def _unreachable(url):
             return None
     except ConnectionRefusedError:
         return f"connection refused by {parts.hostname}:{port}"
-    except socket.timeout:
+    except TimeoutError:
         return f"no answer from {parts.hostname}:{port} within {get_policy().connect_timeout:g} s"
     except OSError as exc:
         return f"{parts.hostname}:{port}: {exc.strerror or exc}"
@@ -60,8 +60,10 @@ def _not_a_working_hub(request):
     import urllib.error
 
     revision = request.config.revision or "main"
-    url = (f"{current_hub_endpoint().rstrip('/')}/{request.source}/resolve/"
-           f"{urllib.parse.quote(revision, safe='')}/{urllib.parse.quote(request.filename)}")
+    url = (
+        f"{current_hub_endpoint().rstrip('/')}/{request.source}/resolve/"
+        f"{urllib.parse.quote(revision, safe='')}/{urllib.parse.quote(request.filename)}"
+    )
     headers = {}
     token = os.environ.get("HF_TOKEN")
     if token:
@@ -74,15 +76,21 @@ def _not_a_working_hub(request):
             status, answer = response.status, response.headers
     except urllib.error.HTTPError as error:
         status, answer = error.code, error.headers
-    except (socket.timeout, TimeoutError):
+    except TimeoutError:
         return silent
     except urllib.error.URLError as error:
-        return silent if isinstance(error.reason, (socket.timeout, TimeoutError)) else f"cannot connect ({error.reason})"
+        return (
+            silent
+            if isinstance(error.reason, (socket.timeout, TimeoutError))
+            else f"cannot connect ({error.reason})"
+        )
     except (OSError, http.client.HTTPException) as error:
         return f"it broke off the answer ({type(error).__name__}: {error})"
     if status >= 500:
         return f"it answered HTTP {status} to HEAD {url}"
     if not (answer.get("X-Repo-Commit") or answer.get("X-Error-Code")):
-        return (f"it answered HTTP {status} to HEAD {url} without the Hub's headers "
-                f"(X-Repo-Commit, X-Error-Code): is it a Hugging Face Hub endpoint?")
+        return (
+            f"it answered HTTP {status} to HEAD {url} without the Hub's headers "
+            f"(X-Repo-Commit, X-Error-Code): is it a Hugging Face Hub endpoint?"
+        )
     return None

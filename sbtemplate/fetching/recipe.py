@@ -11,7 +11,6 @@ configuration's Pretrainers on every DDP rank.
 
 import dataclasses
 from contextlib import contextmanager
-from pathlib import Path
 
 from sbtemplate.fetching.hook import installed, setup
 
@@ -82,8 +81,16 @@ def fetch_endpoints(hparams_file, overrides=None, *, cache_dir=None):
     given.setdefault("artifacts", str(artifacts_root()))
     keys = read_plain_keys(
         hparams_file,
-        ("fetch_endpoints", "profile", "artifacts", "repo_id", "hub_repo_id", "public_hub_endpoint",
-         "hub_endpoint", "url_base"),
+        (
+            "fetch_endpoints",
+            "profile",
+            "artifacts",
+            "repo_id",
+            "hub_repo_id",
+            "public_hub_endpoint",
+            "hub_endpoint",
+            "url_base",
+        ),
         given,
     )
     # A user's own endpoint or URL base is used as it is.

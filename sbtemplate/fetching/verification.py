@@ -72,8 +72,9 @@ def _verify(request, path, manifest, purge, refresh=None, keep_hint=False):
     purge()
     what = "truncated" if size < entry["size"] else "corrupted"
     action = (
-        "the local file is left as it is" if keep_hint else
-        "removed from the cache; the next fetch downloads it again"
+        "the local file is left as it is"
+        if keep_hint
+        else "removed from the cache; the next fetch downloads it again"
     )
     raise request.error(
         f"integrity check failed, the file is {what}: expected {entry['size']} bytes with "

@@ -273,9 +273,7 @@ def _run_direction(rnn, x, params):
     h0 = x.new_zeros(1, x.shape[0], rnn.hidden_size)
     if rnn.mode == "LSTM":
         return torch.lstm(x, (h0, h0), params, rnn.bias, 1, 0.0, False, False, True)[0]
-    return _RNN_FUNCTIONS[rnn.mode](
-        x, h0, params, rnn.bias, 1, 0.0, False, False, True
-    )[0]
+    return _RNN_FUNCTIONS[rnn.mode](x, h0, params, rnn.bias, 1, 0.0, False, False, True)[0]
 
 
 def torch_rnn_own_lengths(rnn, x, lengths):
@@ -468,15 +466,11 @@ def stft_frame_lengths(features, n_samples):
     """
     stft = getattr(features, "compute_STFT", None)
     if stft is None:
-        raise TypeError(
-            f"{type(features).__name__}: no compute_STFT, no frame-count rule here"
-        )
+        raise TypeError(f"{type(features).__name__}: no compute_STFT, no frame-count rule here")
     if getattr(features, "deltas", False) or getattr(features, "context", False):
         raise TypeError("Feature deltas/context pad at the batch edge: unsupported")
     if stft.center and stft.pad_mode != "constant":
-        raise TypeError(
-            f"STFT pad_mode={stft.pad_mode!r} pads at the batch edge: unsupported"
-        )
+        raise TypeError(f"STFT pad_mode={stft.pad_mode!r} pads at the batch edge: unsupported")
     hop = stft.hop_length
     if stft.center:
         return torch.div(n_samples, hop, rounding_mode="floor") + 1
@@ -547,9 +541,7 @@ class PaddingInvariantEncoder(LengthsCapableSequential):
                 n = stft_frame_lengths(layer, n)
                 expected = int(stft_frame_lengths(layer, torch.tensor(wavs.shape[1])))
                 if x.shape[1] != expected:
-                    raise RuntimeError(
-                        f"Feature frames {x.shape[1]} != expected {expected}"
-                    )
+                    raise RuntimeError(f"Feature frames {x.shape[1]} != expected {expected}")
             elif isinstance(layer, InputNormalization):
                 _statistics_to(layer, x.device)
                 x = layer(x, relative_lengths(n, x.shape[1]))

@@ -101,8 +101,16 @@ class _BeamState:
     """The search state of ``S2SBeamSearcher.init_beam_search_data``, by name."""
 
     #: What ``search_step`` takes before the encoder states, and returns (then ``scores``).
-    STEPPED = ("alived_hyps", "inp_tokens", "log_probs", "eos_hyps", "memory",
-               "scorer_memory", "attn", "prev_attn_peak")
+    STEPPED = (
+        "alived_hyps",
+        "inp_tokens",
+        "log_probs",
+        "eos_hyps",
+        "memory",
+        "scorer_memory",
+        "attn",
+        "prev_attn_peak",
+    )
 
     def __init__(self, *initial):
         """``initial``: what ``init_beam_search_data`` returns, in its order."""
@@ -312,7 +320,9 @@ class PaddingInvariantBeamSearchMixin:
         state.log_probs = state.log_probs[rows]
         state.scores = state.scores[rows]
         state.prev_attn_peak = state.prev_attn_peak[rows]
-        state.attn = state.attn[rows, :frames]  # [rows, frames] for the attentions compactable() accepts
+        state.attn = state.attn[
+            rows, :frames
+        ]  # [rows, frames] for the attentions compactable() accepts
         state.enc_states = state.enc_states[rows, :frames]
         state.enc_lens = state.enc_lens[rows]
         self._min_steps_rows = self._min_steps_rows[rows]
@@ -366,9 +376,7 @@ class PaddingInvariantBeamSearchMixin:
         return log_probs
 
 
-class PaddingInvariantS2SRNNBeamSearcher(
-    PaddingInvariantBeamSearchMixin, S2SRNNBeamSearcher
-):
+class PaddingInvariantS2SRNNBeamSearcher(PaddingInvariantBeamSearchMixin, S2SRNNBeamSearcher):
     """``S2SRNNBeamSearcher`` with per-utterance step limits and exact lengths.
 
     Same constructor as ``speechbrain.decoders.S2SRNNBeamSearcher``.  Its
@@ -408,9 +416,7 @@ class PaddingInvariantS2SRNNGreedySearcher(S2SRNNGreedySearcher):
         has_ended = enc_states.new_zeros(batch_size).bool()
         log_probs_lst = []
         for step in range(max(maxs)):
-            logits, memory, _ = self.forward_step(
-                inp_tokens, memory, enc_states, enc_lens_int
-            )
+            logits, memory, _ = self.forward_step(inp_tokens, memory, enc_states, enc_lens_int)
             block = step < min_t
             if bool(block.any()):
                 logits[block, self.eos_index] = -torch.inf

@@ -45,9 +45,5 @@ def rnn_beam_searcher(padding_invariant=True, **kwargs):
 
 def rnn_greedy_searcher(padding_invariant=True, **kwargs):
     """An ``S2SRNNGreedySearcher`` (stock) or its padding-invariant subclass."""
-    cls = (
-        PaddingInvariantS2SRNNGreedySearcher
-        if padding_invariant
-        else S2SRNNGreedySearcher
-    )
+    cls = PaddingInvariantS2SRNNGreedySearcher if padding_invariant else S2SRNNGreedySearcher
     return cls(**kwargs)
