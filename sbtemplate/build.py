@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from sbtemplate import atomic_write
 from sbtemplate.corpus.builder import SPEECH_SPLITS, build_corpus, corpus_fingerprint, is_complete
 from sbtemplate.data_prep import prepare_corpus, read_text_lines
 from sbtemplate.manifest import write_manifest
@@ -543,9 +544,7 @@ def _build_stages(paths, force, progress):
         "seconds": made,
         "seconds_this_run": timings,
     }
-    tmp = report_file.with_name(report_file.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    tmp.replace(report_file)
+    atomic_write.write_json(report_file, report)
     print(
         f"Base recognizer ({profile}): WER general test {report['wer']['test_general']:.2f}%, "
         f"target-domain test {report['wer']['test']:.2f}% (beam search + RNNLM). "

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import soundfile as sf
 
+from sbtemplate import atomic_write
+
 logger = logging.getLogger(__name__)
 
 AUDIO_EXTENSIONS = (".flac", ".wav")
@@ -78,7 +80,7 @@ def prepare_split(data_root, split, json_file, semantics=None):
             if semantics is not None and utt_id in semantics:
                 entry["semantics"] = semantics[utt_id]
             entries[utt_id] = entry
-    _write_json_atomic(json_file, entries)
+    atomic_write.write_json(json_file, entries)
     logger.info("Prepared %d utterances of %s in %s", len(entries), split_dir, json_file)
     return entries
 
@@ -91,24 +93,13 @@ def _find_audio(folder, utt_id):
     return None
 
 
-def _write_json_atomic(path, data):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
-
-
 def write_augmentation_csv(folder, csv_file):
     """SpeechBrain's extended noise/RIR CSV for every audio file in ``folder``."""
     folder = Path(folder)
     files = sorted(p for p in folder.iterdir() if p.suffix in AUDIO_EXTENSIONS)
     if not files:
         raise DataPreparationError(f"No audio files in augmentation folder {folder}")
-    csv_file = Path(csv_file)
-    csv_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = csv_file.with_name(csv_file.name + ".tmp")
-    with open(tmp, "w", newline="") as handle:
+    with atomic_write.replacing(csv_file, newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["ID", "duration", "wav", "wav_format", "wav_opts"])
         for path in files:
@@ -122,7 +113,6 @@ def write_augmentation_csv(folder, csv_file):
                     "",
                 ]
             )
-    tmp.replace(csv_file)
 
 
 def read_text_lines(path):

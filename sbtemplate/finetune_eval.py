@@ -8,7 +8,7 @@ or with SpeechBrain's ``read_audio``, decoded with ``transcribe_batch``;
 of the Brain's DDP-valid test loader (path b) and gathers it the same way.
 """
 
-import json
+import functools
 from pathlib import Path
 
 import torch
@@ -16,6 +16,7 @@ from speechbrain.dataio.dataio import read_audio
 from speechbrain.utils.data_utils import batch_pad_right
 from speechbrain.utils.distributed import MainProcessContext
 
+from sbtemplate import atomic_write
 from sbtemplate.distributed import evaluate_sharded, read_utterance_file
 
 READERS = ("load_audio", "read_audio")
@@ -135,9 +136,6 @@ def export_finetuned_model(model_dir, out_dir, lm_state):
     return out_dir
 
 
-def write_json(path, data):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
-    tmp.replace(path)
+#: ``results.json`` and the like, written atomically; values JSON cannot hold
+#: (paths) are written as strings.
+write_json = functools.partial(atomic_write.write_json, default=str)

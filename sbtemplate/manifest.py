@@ -9,6 +9,8 @@ import hashlib
 import json
 from pathlib import Path
 
+from sbtemplate import atomic_write
+
 MANIFEST_NAME = "manifest.json"
 
 
@@ -28,9 +30,7 @@ def write_manifest(folder):
         if path.name == MANIFEST_NAME or not path.is_file():
             continue
         entries[path.name] = {"sha256": sha256_file(path), "size": path.stat().st_size}
-    tmp = folder / (MANIFEST_NAME + ".tmp")
-    tmp.write_text(json.dumps(entries, indent=2, sort_keys=True) + "\n")
-    tmp.replace(folder / MANIFEST_NAME)
+    atomic_write.write_json(folder / MANIFEST_NAME, entries, sort_keys=True)
     return entries
 
 

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from sbtemplate import atomic_write
+
 SLOT_SEPARATOR = "|"
 VALUE_SEPARATOR = "="
 
@@ -116,11 +118,9 @@ def prepare_slu_data(manifests_folder, save_folder, splits=SPLITS):
                 item.update(wav=entry["wav"], length=entry["length"], spk_id=entry.get("spk_id"))
             out[uid] = item
         target = save_folder / f"{split}.json"
-        tmp = target.with_name(target.name + ".tmp")
-        tmp.write_text(json.dumps(out, indent=1) + "\n")
-        tmp.replace(target)
+        atomic_write.write_json(target, out, indent=1)
         written[split] = target
-    marker.write_text(json.dumps(fingerprint, indent=1) + "\n")
+    atomic_write.write_json(marker, fingerprint, indent=1)
     return written
 
 

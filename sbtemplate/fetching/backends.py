@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from sbtemplate import atomic_write
 from sbtemplate.fetching import records
 from sbtemplate.fetching.endpoint import check_hub_endpoint, current_hub_endpoint
 from sbtemplate.fetching.errors import KIND_HUB, KIND_LOCAL, FetchError, _describe
@@ -319,7 +320,5 @@ def _url_manifest(request, refresh=False):
         raise request.error(
             f"cannot verify it: {url} is unavailable ({_describe(exc, request)})"
         ) from exc
-    tmp = folder / f".{MANIFEST_NAME}.{os.getpid()}.tmp"
-    tmp.write_bytes(data)
-    tmp.replace(target)
+    atomic_write.write_bytes(target, data)
     return _load_manifest_file(target, request, purge=lambda: _remove_link_or_file(target))
