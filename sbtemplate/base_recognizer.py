@@ -88,6 +88,16 @@ def load_tokenizer(model_file):
 
 
 # ----------------------------------------------------------------------- LM --
+def read_text_split(path):
+    """``{id: words}`` from a JSON descriptor (``{id: {"words": ...}}``) or a text file."""
+    path = Path(path)
+    if path.suffix == ".json":
+        entries = json.loads(path.read_text())
+        return {str(k): v["words"] for k, v in entries.items()}
+    lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    return {f"{path.stem}-{i:06d}": line for i, line in enumerate(lines)}
+
+
 def lm_text_dataset(sentences, tokenizer, bos_index, eos_index, prefix="s"):
     """A DynamicItemDataset of sentences → tokens_bos / tokens_eos for LM training.
 

@@ -189,3 +189,26 @@ def fixed_size_batches_stats(lengths, batch_size, seed=0):
     random.Random(seed).shuffle(order)
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     return batches, padding_stats(batches, lengths)
+
+
+def dataset_lengths(dataset):
+    """The ``length`` of every item of a DynamicItemDataset, in its order."""
+    return [dataset.data[i]["length"] for i in dataset.data_ids]
+
+
+def train_batch_sampler(dataset, options, seed):
+    """The DDP-safe dynamic batch sampler of the training set (rank from torch.distributed)."""
+    return DistributedDynamicBatchSampler(dataset_lengths(dataset), seed=seed, **options)
+
+
+def eval_batch_sampler(dataset, options):
+    """SpeechBrain's DynamicBatchSampler for VALID (sharded whole by DDPEvalMixin)."""
+    from speechbrain.dataio.sampler import DynamicBatchSampler
+
+    options = dict(options)
+    for key in ("shuffle", "drop_last"):
+        if options.pop(key, False):
+            raise ValueError(f"validation batching must not set {key}")
+    return DynamicBatchSampler(
+        dataset, lengths_list=dataset_lengths(dataset), shuffle=False, drop_last=False, **options
+    )

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from sbtemplate import lm_finetuning
+import speechbrain as sb
 
 FINETUNE = Path(__file__).resolve().parent.parent / "finetune.py"
 
@@ -19,7 +19,8 @@ if os.environ.get("RANK") == "1":
     def stalled_fit_batch(self, batch):
         time.sleep(3600)
 
-    lm_finetuning.LMFineTuneBrain.fit_batch = stalled_fit_batch
+    # finetune.py's Brain does not override fit_batch: SpeechBrain's is the one it runs.
+    sb.Brain.fit_batch = stalled_fit_batch
 
 sys.argv = [str(FINETUNE)] + sys.argv[1:]
 runpy.run_path(str(FINETUNE), run_name="__main__")

@@ -120,7 +120,7 @@ def test_digest_sees_parameters_buffers_and_normaliser_statistics():
 
 
 def test_lm_text_dataset_lengths_are_token_counts():
-    from sbtemplate.lm_finetuning import lm_text_dataset
+    from sbtemplate.base_recognizer import lm_text_dataset
 
     class Tok:
         def encode_as_ids(self, words):
@@ -133,7 +133,7 @@ def test_lm_text_dataset_lengths_are_token_counts():
 
 
 def test_launcher_options_are_taken_out_of_the_arguments():
-    from sbtemplate.lm_finetuning import pop_option
+    from sbtemplate.run_setup import pop_option
 
     argv = ["finetune.yaml", "--local-rank", "1", "--lr=0.1"]
     assert pop_option(argv, "--local-rank") == "1" and argv == ["finetune.yaml", "--lr=0.1"]

@@ -157,8 +157,11 @@ class _Resolver:
             for part in expr.values:
                 if isinstance(part, ast.Constant):
                     parts.append([str(part.value)])
-                elif (isinstance(part, ast.FormattedValue) and part.conversion == -1
-                      and part.format_spec is None):
+                elif (
+                    isinstance(part, ast.FormattedValue)
+                    and part.conversion == -1
+                    and part.format_spec is None
+                ):
                     found = self.values(part.value)
                     if found is None:
                         return None
@@ -177,8 +180,9 @@ class _Resolver:
         if isinstance(target, ast.Name):
             return items
         if isinstance(target, ast.Tuple):
-            index = [i for i, e in enumerate(target.elts)
-                     if isinstance(e, ast.Name) and e.id == name]
+            index = [
+                i for i, e in enumerate(target.elts) if isinstance(e, ast.Name) and e.id == name
+            ]
             if index and all(isinstance(i, (tuple, list)) for i in items):
                 return [item[index[0]] for item in items]
         return None
@@ -198,17 +202,21 @@ class _Resolver:
                 args = node.args
                 positional = args.posonlyargs + args.args
                 defaults = dict(zip([a.arg for a in positional[::-1]], args.defaults[::-1]))
-                defaults.update({a.arg: d for a, d in zip(args.kwonlyargs, args.kw_defaults)
-                                 if d is not None})
+                defaults.update(
+                    {a.arg: d for a, d in zip(args.kwonlyargs, args.kw_defaults) if d is not None}
+                )
                 if name in defaults:
                     return self.values(defaults[name])
                 if name in {a.arg for a in positional + args.kwonlyargs}:
                     return None
             node, child = self.parents.get(node), node
         for statement in self.tree.body:
-            if (isinstance(statement, ast.Assign) and len(statement.targets) == 1
-                    and isinstance(statement.targets[0], ast.Name)
-                    and statement.targets[0].id == name):
+            if (
+                isinstance(statement, ast.Assign)
+                and len(statement.targets) == 1
+                and isinstance(statement.targets[0], ast.Name)
+                and statement.targets[0].id == name
+            ):
                 return self.values(statement.value)
         return None
 
@@ -246,8 +254,9 @@ def collect(path, scope=(), kind="recipe"):
     resolver = _Resolver(tree, parents)
     reads = Reads()
     for top in _top_level(tree, scope):
-        reads.defined |= {n.name for n in ast.walk(top)
-                          if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+        reads.defined |= {
+            n.name for n in ast.walk(top) if isinstance(n, (ast.FunctionDef, ast.ClassDef))
+        }
         for node in ast.walk(top):
             where = f"{path.name}:{getattr(node, 'lineno', '?')}"
             parent = parents.get(node)
@@ -259,8 +268,11 @@ def collect(path, scope=(), kind="recipe"):
                     reads.unresolved.append(f"{where}: {ast.unparse(node)}")
                     continue
                 below = ()
-                if (isinstance(parent, ast.Subscript) and parent.value is node
-                        and isinstance(parent.slice, ast.Constant)):
+                if (
+                    isinstance(parent, ast.Subscript)
+                    and parent.value is node
+                    and isinstance(parent.slice, ast.Constant)
+                ):
                     below = (parent.slice.value,)
                 for key in keys:
                     reads.required[(key, *below)] = where
@@ -271,17 +283,24 @@ def collect(path, scope=(), kind="recipe"):
                 elif receiver != kind:
                     continue
                 elif isinstance(node.value, ast.Name) and node.attr in DICT_METHODS:
-                    if (node.attr == "get" and isinstance(parent, ast.Call) and parent.args
-                            and isinstance(parent.args[0], ast.Constant)):
+                    if (
+                        node.attr == "get"
+                        and isinstance(parent, ast.Call)
+                        and parent.args
+                        and isinstance(parent.args[0], ast.Constant)
+                    ):
                         reads.optional.add(parent.args[0].value)
                 else:
                     reads.required[(node.attr,)] = where
             elif isinstance(node, ast.Call):
                 func = node.func
                 name = func.id if isinstance(func, ast.Name) else getattr(func, "attr", None)
-                if (name in ("getattr", "hasattr") and len(node.args) >= 2
-                        and _receiver(node.args[0]) == kind
-                        and isinstance(node.args[1], ast.Constant)):
+                if (
+                    name in ("getattr", "hasattr")
+                    and len(node.args) >= 2
+                    and _receiver(node.args[0]) == kind
+                    and isinstance(node.args[1], ast.Constant)
+                ):
                     reads.optional.add(node.args[1].value)
                 elif name == "read_plain_keys" and len(node.args) >= 2 and kind == "recipe":
                     # sbtemplate.fetching reads these top-level keys before loading.
@@ -290,13 +309,18 @@ def collect(path, scope=(), kind="recipe"):
                         reads.unresolved.append(f"{where}: {ast.unparse(node)}")
                     for key in keys or ():
                         reads.required[(key,)] = where
-                if kind == "recipe" and any(isinstance(a, ast.Name) and a.id == "hparams"
-                                            for a in node.args + [k.value for k in node.keywords]):
+                if kind == "recipe" and any(
+                    isinstance(a, ast.Name) and a.id == "hparams"
+                    for a in node.args + [k.value for k in node.keywords]
+                ):
                     reads.handed_on.append((where, name))
             elif isinstance(node, ast.Compare) and kind == "recipe":
-                if (len(node.ops) == 1 and isinstance(node.ops[0], (ast.In, ast.NotIn))
-                        and _receiver(node.comparators[0]) == kind
-                        and isinstance(node.left, ast.Constant)):
+                if (
+                    len(node.ops) == 1
+                    and isinstance(node.ops[0], (ast.In, ast.NotIn))
+                    and _receiver(node.comparators[0]) == kind
+                    and isinstance(node.left, ast.Constant)
+                ):
                     reads.optional.add(node.left.value)
             elif isinstance(node, ast.Constant) and isinstance(node.value, str):
                 if kind != "recipe":
@@ -305,8 +329,11 @@ def collect(path, scope=(), kind="recipe"):
                     continue  # a docstring, or a piece of an f-string
                 if isinstance(parent, ast.Dict) and any(k is node for k in parent.keys):
                     continue  # a dict display's key: not a read of the hparams
-                if (isinstance(parent, ast.Subscript) and parent.slice is node
-                        and _receiver(parent.value) is None):
+                if (
+                    isinstance(parent, ast.Subscript)
+                    and parent.slice is node
+                    and _receiver(parent.value) is None
+                ):
                     continue  # the index of another object (job["tokenizer"])
                 reads.mentioned.add(node.value)
     return reads
@@ -318,8 +345,9 @@ def _class_constant(path, cls, name):
     for node in tree.body:
         if isinstance(node, ast.ClassDef) and node.name == cls:
             for statement in node.body:
-                if (isinstance(statement, ast.Assign)
-                        and any(getattr(t, "id", None) == name for t in statement.targets)):
+                if isinstance(statement, ast.Assign) and any(
+                    getattr(t, "id", None) == name for t in statement.targets
+                ):
                     return ast.literal_eval(statement.value)
     raise AssertionError(f"{path}: no {cls}.{name}")
 
@@ -382,7 +410,7 @@ def included_file(yaml_path, node):
     tag = _tag(node)
     if not tag.startswith("!include:"):
         return None
-    name = tag[len("!include:"):]
+    name = tag[len("!include:") :]
     for base in (Path(yaml_path).parent, ROOT):
         if (base / name).is_file():
             return base / name
@@ -422,14 +450,17 @@ def problems(pair, root=ROOT, allowed=None, includers=()):
     document = load_yaml(yaml_path)
     allowed = ALLOWED_UNUSED.get(name, {}) if allowed is None else allowed
     reads = code_reads(pair, root)
-    found = [f"{name}: cannot tell which key {r} reads; make it a literal"
-             for r in reads.unresolved]
-    found += [f"{name}: {where} hands the hparams object to {callee}, which is not in the "
-              f"sources this test reads: add its module to the pair"
-              for where, callee in reads.handed_on if callee not in reads.defined | HANDED_OK]
+    found = [
+        f"{name}: cannot tell which key {r} reads; make it a literal" for r in reads.unresolved
+    ]
+    found += [
+        f"{name}: {where} hands the hparams object to {callee}, which is not in the "
+        f"sources this test reads: add its module to the pair"
+        for where, callee in reads.handed_on
+        if callee not in reads.defined | HANDED_OK
+    ]
 
-    used = {ref for key, value in document.items()
-            for ref, _ in references(value) if ref != key}
+    used = {ref for key, value in document.items() for ref, _ in references(value) if ref != key}
     used |= {path[0] for path in reads.required} | reads.optional | reads.mentioned
     for other, overrides in includers:
         other_doc = load_yaml(root / other)
@@ -442,22 +473,31 @@ def problems(pair, root=ROOT, allowed=None, includers=()):
         block = _nested(other_doc, overrides) if overrides else None
         for key in block or {}:
             if key not in document:
-                found.append(f"{name}: key {key!r} is overridden by {other} "
-                             f"({'.'.join(overrides)}) but not defined")
+                found.append(
+                    f"{name}: key {key!r} is overridden by {other} "
+                    f"({'.'.join(overrides)}) but not defined"
+                )
 
     # (1) every key is used
-    readers = ("EncoderDecoderASR nor through asr.hparams" if pair.interface else
-               f"{pair.sources[0].path} nor the other {len(pair.sources) - 1} source(s)")
+    readers = (
+        "EncoderDecoderASR nor through asr.hparams"
+        if pair.interface
+        else f"{pair.sources[0].path} nor the other {len(pair.sources) - 1} source(s)"
+    )
     for key in document:
         if key.startswith("__") or key in used:
             continue
         if key not in allowed:
-            found.append(f"{name}: key {key!r} is defined but used nowhere (not referenced "
-                         f"by another key, not read by {readers})")
+            found.append(
+                f"{name}: key {key!r} is defined but used nowhere (not referenced "
+                f"by another key, not read by {readers})"
+            )
     for key in allowed:
         if key not in document or key in used:
-            found.append(f"{name}: ALLOWED_UNUSED lists {key!r}, which is "
-                         f"{'used' if key in document else 'gone'}: remove it from the list")
+            found.append(
+                f"{name}: ALLOWED_UNUSED lists {key!r}, which is "
+                f"{'used' if key in document else 'gone'}: remove it from the list"
+            )
 
     # (2) every key read exists
     for path, where in sorted(reads.required.items()):
@@ -470,8 +510,7 @@ def problems(pair, root=ROOT, allowed=None, includers=()):
         if len(path) > 1:
             keys = load_yaml(inner) if inner else value if not _tag(value) else None
             if isinstance(keys, dict) and path[1] not in keys:
-                found.append(f"{name}: key {key}[{path[1]!r}] is read by {where} "
-                             f"but not defined")
+                found.append(f"{name}: key {key}[{path[1]!r}] is read by {where} but not defined")
     modules = document.get("modules", {})
     for key, where in sorted(reads.mods.items()):
         if key not in modules:
@@ -482,43 +521,64 @@ def problems(pair, root=ROOT, allowed=None, includers=()):
             inner_keys = load_yaml(inner)
             for override in value:
                 if override not in inner_keys:
-                    found.append(f"{name}: the !include: of {key} overrides {override!r}, "
-                                 f"which {inner.name} does not define")
+                    found.append(
+                        f"{name}: the !include: of {key} overrides {override!r}, "
+                        f"which {inner.name} does not define"
+                    )
     return found
 
 
-DISTRIBUTED = tuple(Source(f"sbtemplate/distributed/{p.name}")
-                    for p in sorted((ROOT / "sbtemplate" / "distributed").glob("*.py")))
+DISTRIBUTED = tuple(
+    Source(f"sbtemplate/distributed/{p.name}")
+    for p in sorted((ROOT / "sbtemplate" / "distributed").glob("*.py"))
+)
 RECIPE_CODE = ("finetune.py", "multisource_mini_recipe.py", "single_node_pretrained.py")
 PAIRS = {
-    "finetune": Pair("finetune.yaml", (
-        Source("finetune.py"),
-        Source("sbtemplate/lm_finetuning.py"),
-        Source("sbtemplate/finetune_eval.py"),
-        Source("sbtemplate/fetching/recipe.py", ("fetch_endpoints", "collect_pretrained")),
-        Source("sbtemplate/frozen.py"),
-        *DISTRIBUTED,
-    )),
-    "multisource": Pair("multisource_mini_recipe.yaml", (
-        Source("multisource_mini_recipe.py"),
-        Source("sbtemplate/fetching/recipe.py", ("fetch_endpoints",)),
-    )),
-    "base_asr": Pair("sbtemplate/hparams/base_asr.yaml", (
-        Source("sbtemplate/base_recognizer.py", ("ASRBrain", "asr_datasets", "train_asr")),
-    )),
-    "base_lm": Pair("sbtemplate/hparams/base_lm.yaml", (
-        Source("sbtemplate/base_recognizer.py", ("LMBrain",)),
-        Source("sbtemplate/build.py", ("_train_lm",)),
-    )),
+    "finetune": Pair(
+        "finetune.yaml",
+        (
+            Source("finetune.py"),
+            Source("sbtemplate/run_setup.py"),
+            Source("sbtemplate/ddp_dynamic_batching.py"),
+            Source("sbtemplate/finetune_eval.py"),
+            Source("sbtemplate/fetching/recipe.py", ("fetch_endpoints", "collect_pretrained")),
+            Source("sbtemplate/frozen.py"),
+            *DISTRIBUTED,
+        ),
+    ),
+    "multisource": Pair(
+        "multisource_mini_recipe.yaml",
+        (
+            Source("multisource_mini_recipe.py"),
+            Source("sbtemplate/fetching/recipe.py", ("fetch_endpoints",)),
+        ),
+    ),
+    "base_asr": Pair(
+        "sbtemplate/hparams/base_asr.yaml",
+        (Source("sbtemplate/base_recognizer.py", ("ASRBrain", "asr_datasets", "train_asr")),),
+    ),
+    "base_lm": Pair(
+        "sbtemplate/hparams/base_lm.yaml",
+        (
+            Source("sbtemplate/base_recognizer.py", ("LMBrain",)),
+            Source("sbtemplate/build.py", ("_train_lm",)),
+        ),
+    ),
     # Every module that may hold an EncoderDecoderASR as ``asr``.
-    "inference": Pair("sbtemplate/hparams/inference.yaml", tuple(
-        Source(str(p.relative_to(ROOT)))
-        for p in sorted((ROOT / "sbtemplate").rglob("*.py")) + [ROOT / c for c in RECIPE_CODE]
-    ), interface=True),
+    "inference": Pair(
+        "sbtemplate/hparams/inference.yaml",
+        tuple(
+            Source(str(p.relative_to(ROOT)))
+            for p in sorted((ROOT / "sbtemplate").rglob("*.py")) + [ROOT / c for c in RECIPE_CODE]
+        ),
+        interface=True,
+    ),
 }
 # Files that include inference.yaml or override it through from_hparams.
-INFERENCE_INCLUDERS = (("finetune.yaml", ("decoding_overrides",)),
-                       ("multisource_mini_recipe.yaml", ("asr_model", "overrides")))
+INFERENCE_INCLUDERS = (
+    ("finetune.yaml", ("decoding_overrides",)),
+    ("multisource_mini_recipe.yaml", ("asr_model", "overrides")),
+)
 
 
 @pytest.mark.parametrize("pair", PAIRS)
@@ -536,14 +596,20 @@ def test_the_check_catches_an_unused_and_a_missing_key(tmp_path):
         (tmp_path / source.path).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / source.path, tmp_path / source.path)
     (tmp_path / "finetune.yaml").write_text(
-        (ROOT / "finetune.yaml").read_text() + "\norphan_setting: 3   # read by nothing\n")
+        (ROOT / "finetune.yaml").read_text() + "\norphan_setting: 3   # read by nothing\n"
+    )
     script = tmp_path / "finetune.py"
-    script.write_text(script.read_text().replace(
-        'hparams["test_limit"]', 'hparams["test_limit"] or hparams["missing_setting"]', 1))
+    script.write_text(
+        script.read_text().replace(
+            'hparams["test_limit"]', 'hparams["test_limit"] or hparams["missing_setting"]', 1
+        )
+    )
     assert problems(pair) == []  # the real files agree
     found = problems(pair, root=tmp_path)
-    assert any("finetune.yaml" in f and "'orphan_setting'" in f and "used nowhere" in f
-               for f in found), found
-    assert any("finetune.yaml" in f and "'missing_setting'" in f and "finetune.py:" in f
-               for f in found), found
+    assert any(
+        "finetune.yaml" in f and "'orphan_setting'" in f and "used nowhere" in f for f in found
+    ), found
+    assert any(
+        "finetune.yaml" in f and "'missing_setting'" in f and "finetune.py:" in f for f in found
+    ), found
     assert len(found) == 2, found

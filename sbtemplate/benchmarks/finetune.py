@@ -151,11 +151,12 @@ def lm_epoch(hparams, dataset, batches):
 
 
 def batching_comparison(hparams, text_file, dynamic_opts, fixed_batch_size, seed):
+    from sbtemplate.base_recognizer import lm_text_dataset, read_text_split
     from sbtemplate.ddp_dynamic_batching import (
         DistributedDynamicBatchSampler,
+        dataset_lengths,
         fixed_size_batches_stats,
     )
-    from sbtemplate.lm_finetuning import dataset_lengths, lm_text_dataset, read_text_split
 
     dataset = lm_text_dataset(
         read_text_split(text_file), hparams["tokenizer"], hparams["bos_index"], hparams["eos_index"]
