@@ -13,11 +13,11 @@ from pathlib import Path
 
 import torch
 from speechbrain.dataio.dataio import read_audio
-from speechbrain.utils.data_utils import batch_pad_right
 from speechbrain.utils.distributed import MainProcessContext
 
 from sbtemplate import atomic_write
 from sbtemplate.distributed import evaluate_sharded, read_utterance_file
+from sbtemplate.evaluation import transcribe_files
 
 READERS = ("load_audio", "read_audio")
 
@@ -69,10 +69,7 @@ def interface_evaluation(asr, entries, reader, batch_size, group, out_dir, name)
     lengths = [float(entries[i]["length"]) for i in ids]
 
     def score_batch(batch, stats):
-        padded, rel = batch_pad_right([load(wav) for _, wav, _ in batch])
-        padded, rel = padded.to(asr.device), rel.to(asr.device)
-        with torch.no_grad():
-            words, _ = asr.transcribe_batch(padded, rel)
+        words = transcribe_files(asr, [wav for _, wav, _ in batch], reader=load)
         stats.append(
             [i for i, _, _ in batch],
             [w.split() for w in words],

@@ -28,7 +28,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
 from sbtemplate.paths import ProfilePaths
@@ -54,15 +53,12 @@ def load_dev_set(profile_paths, split="valid_target"):
 
 def decode_all(asr, items, batch_size):
     """Hypotheses of ``items`` (id, wav, words), batched (padding-invariant path)."""
-    from speechbrain.dataio.dataio import read_audio
-    from speechbrain.utils.data_utils import batch_pad_right
+    from sbtemplate.evaluation import transcribe_files
 
     hyps = {}
     for start in range(0, len(items), batch_size):
         batch = items[start : start + batch_size]
-        padded, rel = batch_pad_right([read_audio(wav) for _, wav, _ in batch])
-        with torch.no_grad():
-            words, _ = asr.transcribe_batch(padded.to(asr.device), rel.to(asr.device))
+        words = transcribe_files(asr, [wav for _, wav, _ in batch])
         hyps.update({key: hyp for (key, _, _), hyp in zip(batch, words)})
     return hyps
 

@@ -102,9 +102,9 @@ def worker(job):
     import torch.distributed as dist
     from speechbrain.dataio.dataio import read_audio
     from speechbrain.inference.ASR import EncoderDecoderASR
-    from speechbrain.utils.data_utils import batch_pad_right
 
     from sbtemplate.distributed import evaluate_sharded, exchange, new_eval_group
+    from sbtemplate.evaluation import transcribe_files
 
     started = time.perf_counter()
     torch.set_num_threads(job["threads"])
@@ -131,9 +131,7 @@ def worker(job):
 
         def score_batch(batch, stats):
             t = time.perf_counter()
-            padded, rel = batch_pad_right([load(wav) for _, wav, _ in batch])
-            with torch.no_grad():
-                words, _ = asr.transcribe_batch(padded, rel)
+            words = transcribe_files(asr, [wav for _, wav, _ in batch], reader=load)
             stats.append(
                 [i for i, _, _ in batch],
                 [w.split() for w in words],

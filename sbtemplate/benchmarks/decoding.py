@@ -9,10 +9,11 @@ waveforms decoded one by one, in fixed-size batches and in dynamic batches
 import time
 
 import torch
-from speechbrain.dataio.batch import PaddedBatch
 from speechbrain.dataio.dataset import DynamicItemDataset
 from speechbrain.dataio.sampler import DynamicBatchSampler
 from speechbrain.utils.metric_stats import ErrorRateStats
+
+from sbtemplate.evaluation import pad_waveforms
 
 
 def fixed_size_batches(n, batch_size, order=None):
@@ -46,12 +47,6 @@ def dynamic_batches(durations, max_batch_length, num_buckets=4):
     return [[int(ids[i]) for i in batch] for batch in sampler]
 
 
-def pad(wavs):
-    """Pad waveforms as the data loader does (``PaddedBatch``): (batch, rel_lens)."""
-    padded = PaddedBatch([{"sig": w} for w in wavs])
-    return padded.sig.data, padded.sig.lengths
-
-
 @torch.no_grad()
 def decode(asr, wavs, batches):
     """Decode ``wavs`` batch by batch with ``asr.transcribe_batch``.
@@ -74,7 +69,7 @@ def decode(asr, wavs, batches):
     seconds = cpu_seconds = 0.0
     try:
         for batch in batches:
-            sig, rel = pad([wavs[i] for i in batch])
+            sig, rel = pad_waveforms([wavs[i] for i in batch])
             start, start_cpu = time.perf_counter(), time.process_time()
             batch_words, batch_tokens = asr.transcribe_batch(sig, rel)
             seconds += time.perf_counter() - start
