@@ -22,6 +22,7 @@ import math
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 
 # Configures the Hub endpoint before anything imports huggingface_hub.
@@ -112,9 +113,8 @@ class LMFineTuneBrain(DDPEvalMixin, sb.Brain):
         self._decoding = False
         self._report_to = (None, "test")
         self._result = None
-        timeout = getattr(self.hparams, "collective_timeout_s", None)
-        if timeout is not None and not os.environ.get("SBTEMPLATE_EVAL_TIMEOUT"):
-            self.ddp_eval_timeout_s = float(timeout)
+        # One timeout for every collective, the evaluation's sync points included.
+        self.ddp_eval_timeout_s = float(self.hparams.collective_timeout_s)
         _ = self.ddp_eval_group  # created now, on every rank, in the same order
 
     # -- what the script calls -------------------------------------------
@@ -632,8 +632,7 @@ def main(argv=None):
         print(f"rank {rank}: {exc}", file=sys.stderr, flush=True)
         run_setup.failure_barrier()
         return run_setup.EXIT_INTERRUPTED
-    except Exception as exc:  # noqa: BLE001 - one clear line per rank, non-zero exit
-        logger.debug("failure", exc_info=True)
+    except Exception as exc:  # noqa: BLE001 - every rank says why, then exits non-zero
         if run_setup.is_collective_timeout(exc):
             # A rank stalled or died: find which before saying so.
             missing = [r for r in run_setup.failure_barrier() if r >= 0]
@@ -644,12 +643,12 @@ def main(argv=None):
                 file=sys.stderr,
                 flush=True,
             )
-        else:
-            print(f"rank {rank}: ERROR: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
-            run_setup.failure_barrier()
-        if os.environ.get("SBTEMPLATE_TRACEBACK"):
-            raise
-        return 1
+            return run_setup.EXIT_FAILED
+        print(f"rank {rank}: ERROR: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        if not isinstance(exc, run_setup.INPUT_ERRORS):
+            traceback.print_exc()  # not an input error: where it happened matters
+        run_setup.failure_barrier()
+        return run_setup.exit_status(exc)
     finally:
         import torch.distributed as dist
 

@@ -15,8 +15,39 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-#: Exit status of a run stopped on purpose by ``stop_after_steps``.
+# The scripts' exit statuses: 0 done; 1 failed (the error and its traceback
+# are printed); 2 an input error (configuration, arguments, data, sources: one
+# line names what is wrong); 3 stopped on purpose by ``stop_after_steps``.
+EXIT_FAILED = 1
+EXIT_INPUT_ERROR = 2
 EXIT_INTERRUPTED = 3
+
+
+def _input_errors():
+    from sbtemplate.audio_check import AudioFormatError
+    from sbtemplate.config_checks import ConfigError
+    from sbtemplate.ddp_dynamic_batching import NotEnoughBatches
+    from sbtemplate.fetching import FetchError, HubEndpointError
+    from sbtemplate.run_lock import OutputFolderInUse
+
+    return (
+        AudioFormatError,
+        ConfigError,
+        NotEnoughBatches,
+        FetchError,
+        HubEndpointError,
+        OutputFolderInUse,
+        FileNotFoundError,
+    )
+
+
+#: Errors in what the user gave (exit status 2, no traceback needed).
+INPUT_ERRORS = _input_errors()
+
+
+def exit_status(error):
+    """The exit status for ``error``: 2 for an input error, else 1."""
+    return EXIT_INPUT_ERROR if isinstance(error, INPUT_ERRORS) else EXIT_FAILED
 
 
 class TrainingInterrupted(Exception):

@@ -130,6 +130,7 @@ def _fake_brain_class():
 
         out_dir = None
         valid_log = ()
+        ddp_eval_timeout_s = float(os.environ.get("TEST_EVAL_TIMEOUT_S", 1800))
 
         def compute_forward(self, batch, stage):
             # Goes through the module as a recipe would (DDP-wrapped after fit).
@@ -370,7 +371,7 @@ def _rank_env(rank, world_size, port, eval_timeout_s):
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
         OMP_NUM_THREADS="1",
-        SBTEMPLATE_EVAL_TIMEOUT=str(eval_timeout_s),
+        TEST_EVAL_TIMEOUT_S=str(eval_timeout_s),  # read by the scenarios' Brains
     )
 
 

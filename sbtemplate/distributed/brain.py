@@ -93,7 +93,7 @@ class DDPEvalMixin:
     ddp_eval_length_key = "length"
     #: Order of batches (and of items in a batch): "ascending", "descending" or None.
     ddp_eval_sort = "ascending"
-    #: Sync-point timeout in seconds (None: ``SBTEMPLATE_EVAL_TIMEOUT`` or 1800).
+    #: Sync-point timeout in seconds (None: ``sync.DEFAULT_TIMEOUT_S``).
     ddp_eval_timeout_s = None
     #: Broadcast rank 0's parameters and buffers before each evaluation stage.
     ddp_eval_sync_state = True

@@ -12,17 +12,15 @@ creates that one with a 2-hour timeout). If a rank dies outright (killed,
 segfault), gloo notices the closed connection and the others fail at once; if
 it stalls, they fail when the timeout expires. The timeout must cover the
 difference in evaluation time between the fastest and the slowest rank:
-``SBTEMPLATE_EVAL_TIMEOUT`` (seconds, default 1800) sets it.
+the caller passes it (finetune.yaml: ``collective_timeout_s``), else 1800 s.
 """
 
 import datetime
-import os
 import traceback
 
 import torch.distributed as dist
 
 DEFAULT_TIMEOUT_S = 1800.0
-TIMEOUT_ENV = "SBTEMPLATE_EVAL_TIMEOUT"
 
 
 def is_distributed():
@@ -38,10 +36,8 @@ def rank_and_world_size(group=None):
 
 
 def eval_timeout_s(timeout_s=None):
-    """The sync-point timeout: the argument, else ``SBTEMPLATE_EVAL_TIMEOUT``, else 1800 s."""
-    if timeout_s is not None:
-        return float(timeout_s)
-    return float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))
+    """The sync-point timeout: the argument, else ``DEFAULT_TIMEOUT_S``."""
+    return float(DEFAULT_TIMEOUT_S if timeout_s is None else timeout_s)
 
 
 def new_eval_group(timeout_s=None):
@@ -90,7 +86,7 @@ class SyncLost(RuntimeError):
     def __init__(self, what, rank, cause):
         super().__init__(
             f"{what}: rank {rank} lost contact with the other ranks at the sync point"
-            f" (one crashed, was killed or stalled past the {TIMEOUT_ENV} timeout): {cause}"
+            f" (one crashed, was killed or stalled past the sync-point timeout): {cause}"
         )
 
 
