@@ -32,8 +32,26 @@ def section(name, text=None):
     return match.group(1)
 
 
+# The fetch-everything-once variant: the same three sources in one Pretrainer.
+PRETRAINER_ALL = """
+pretrainer_all: !new:speechbrain.utils.parameter_transfer.Pretrainer
+    collect_in: !ref <pretrained_folder>
+    loadables:
+        asr: !ref <asr_model>
+        normalizer: !ref <normalizer>
+        lm: !ref <lm_model>
+        tokenizer: !ref <tokenizer>
+    paths:
+        asr: !ref <asr_source>
+        normalizer: !ref <normalizer_source>
+        lm: !ref <lm_source>
+        tokenizer: !ref <tokenizer_source>
+"""
+
+
 def sources_and_pretrainers():
-    return as_finetune_yaml(section("fetch sources") + STUB_MODEL + section("pretrainers"))
+    text = section("fetch sources") + STUB_MODEL + section("pretrainers") + PRETRAINER_ALL
+    return as_finetune_yaml(text)
 
 
 def as_finetune_yaml(text):

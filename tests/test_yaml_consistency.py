@@ -51,21 +51,7 @@ FUNCTIONS = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)
 
 # Keys that nothing reads, kept on purpose: {YAML file: {key: reason}}. An
 # entry that becomes used, or whose key goes, fails the test: remove it then.
-ALLOWED_UNUSED = {
-    "finetune.yaml": {
-        # Documentation: the same three sources in one Pretrainer, for users who
-        # fetch in one go (tests/test_fetch_finetune_yaml.py collects it).
-        "pretrainer_all": "a variant of the three Pretrainers, shown to the user",
-    },
-    "sbtemplate/hparams/base_asr.yaml": {
-        # unused today: train_asr loads the tokenizer from job["tokenizer"].
-        "tokenizer": "unused today: the SentencePiece tokenizer object",
-    },
-    "sbtemplate/hparams/base_lm.yaml": {
-        # unused today: _train_lm loads the tokenizer from its tokenizer_file.
-        "tokenizer": "unused today: the SentencePiece tokenizer object",
-    },
-}
+ALLOWED_UNUSED = {}
 
 
 @dataclasses.dataclass(frozen=True)
