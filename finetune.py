@@ -206,6 +206,7 @@ class LMFineTuneBrain(DDPEvalMixin, sb.Brain):
         return total / count
 
     def on_stage_start(self, stage, epoch=None):
+        """Reset the stage's NLL sum, token count and id ledger; a WER metric if decoding."""
         self.nll_sum, self.token_count, self.seen_ids = 0.0, 0, []
         self._result = None
         if self._asr_stage(stage):
@@ -222,6 +223,11 @@ class LMFineTuneBrain(DDPEvalMixin, sb.Brain):
             )
 
     def on_stage_end(self, stage, stage_loss, epoch=None):
+        """Gather the stage over all ranks (WER report or perplexity) and end the epoch.
+
+        TRAIN checks that every rank holds the same LM weights; VALID anneals the
+        learning rate and keeps the checkpoint with the lowest valid perplexity.
+        """
         if self._asr_stage(stage):
             out_dir, name = self._report_to
             self._result = self.gather_eval_stats(
@@ -562,6 +568,7 @@ def run(hparams_file, run_opts, overrides):
 
 
 def print_summary(results):
+    """Print the readable summary of :func:`run`'s results: perplexities, WERs, checks, epochs."""
     ppl, wer = results["perplexity"], results["wer"]
     lines = [f"== Summary: {results['profile']} profile, world size {results['world_size']} =="]
     for key in ("target_valid", "general_valid"):

@@ -119,6 +119,7 @@ class SLU(sb.Brain):
         return loss
 
     def decode_semantics(self, hyp):
+        """Semantic labels of one beam-search hypothesis, BOS/EOS removed."""
         # output_neurons only bounds the vocabulary: a barely trained decoder can
         # emit a unit no label owns, which reads as <unk> (a wrong answer).
         unk = getattr(self.label_encoder, "unk_label", "<unk>")
@@ -127,6 +128,7 @@ class SLU(sb.Brain):
         return [label for label in labels if label not in special]
 
     def on_stage_start(self, stage, epoch):
+        """Fresh semantics metric outside training; at TEST also the transcript WER metric."""
         if stage != sb.Stage.TRAIN:
             self.semantics_metric = self.hparams.semantics_computer()
         if stage == sb.Stage.TEST:
@@ -134,6 +136,12 @@ class SLU(sb.Brain):
             self.test_outputs = {}
 
     def on_stage_end(self, stage, stage_loss, epoch):
+        """Log the stage's loss and semantic error rate (SER = 100 - exact-match accuracy).
+
+        VALID anneals the learning rate on the loss, appends to ``self.history`` and
+        keeps the checkpoint with the lowest SER; TEST also scores the recognizer's
+        transcripts (WER) and writes both reports.
+        """
         stats = {"loss": stage_loss}
         if stage == sb.Stage.TRAIN:
             self.train_stats = stats
@@ -253,6 +261,11 @@ def parse_recipe_arguments(argv):
 
 
 def main(argv=None):
+    """Train the SLU decoder on reference transcripts, test it on the recognizer's output.
+
+    The recognizer comes from the Hub, LM and tokenizer from URLs. Writes the
+    results JSON; exit status 0, or 2 when the run cannot start or a fetch fails.
+    """
     started = time.monotonic()
     # Denormal floats make small recurrent models many times slower on CPUs.
     torch.set_flush_denormal(True)

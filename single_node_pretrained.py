@@ -31,6 +31,7 @@ from sbtemplate.profiles import profile_names
 
 
 def parse_args(argv):
+    """The command line: profile, endpoints, repo, example audio, device, cache and savedir."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--profile", default="full", choices=profile_names())
     parser.add_argument(
@@ -96,6 +97,7 @@ def reference_text(repo_id, wav, manifest):
 
 
 def word_errors(reference, hypothesis):
+    """``(edits, reference words)`` of a hypothesis against a reference, at word level."""
     from speechbrain.utils.edit_distance import wer_details_for_batch
 
     details = wer_details_for_batch(["x"], [reference.split()], [hypothesis.split()])[0]
@@ -103,6 +105,11 @@ def word_errors(reference, hypothesis):
 
 
 def run_checks(args, paths):
+    """Run both fetch-and-transcribe cases; returns the problems found (empty when all is well).
+
+    Case 1 must fetch from the Hub only and not download again when loading after
+    ``download_only``; both cases must give the same non-empty transcript.
+    """
     # Imported here: the Hub endpoint is configured by now.
     from speechbrain.inference.ASR import EncoderDecoderASR
     from speechbrain.utils.fetching import FetchFrom, FetchSource, guess_source
@@ -167,6 +174,11 @@ def run_checks(args, paths):
 
 
 def main(argv=None):
+    """Serve (loopback) or point at the public Hub and run the checks.
+
+    Exit status 0 when all is well, 1 when a check fails, 2 when the profile is not
+    built or fetching fails.
+    """
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
     # SpeechBrain sets its loggers' level from SB_LOG_LEVEL when it is imported.

@@ -82,6 +82,7 @@ def seed_everything(seed):
 
 
 def load_tokenizer(model_file):
+    """A SentencePiece processor loaded from ``model_file``."""
     tokenizer = spm.SentencePieceProcessor()
     tokenizer.load(str(model_file))
     return tokenizer
@@ -128,16 +129,23 @@ class LMBrain(sb.core.Brain):
     """Next-token NLL on tokenised text (SpeechBrain's LM template recipe)."""
 
     def compute_forward(self, batch, stage):
+        """Log-probabilities of the next token at each position of ``tokens_bos``."""
         batch = batch.to(self.device)
         tokens_bos, _ = batch.tokens_bos
         logits = self.modules.model(tokens_bos)
         return self.hparams.log_softmax(logits)
 
     def compute_objectives(self, predictions, batch, stage):
+        """NLL of ``tokens_eos`` under the predictions, padding excluded by the relative lengths."""
         tokens_eos, tokens_len = batch.tokens_eos
         return self.hparams.compute_cost(predictions, tokens_eos, length=tokens_len)
 
     def on_stage_end(self, stage, stage_loss, epoch=None):
+        """Loss and perplexity (exp of the loss, capped at e^50) of the stage.
+
+        VALID anneals the learning rate on the loss and keeps the lowest-loss checkpoint;
+        ``last_stats`` keeps the figures for the build's report.
+        """
         stats = {"loss": stage_loss, "perplexity": math.exp(min(stage_loss, 50.0))}
         if stage == sb.Stage.TRAIN:
             self.train_stats = stats
@@ -223,6 +231,12 @@ class ASRBrain(sb.core.Brain):
                 )
 
     def compute_forward(self, batch, stage):
+        """CTC and attention log-probabilities of a batch; beam-search hypotheses outside training.
+
+        Training augments the waveforms (when ``augment_prob > 0``) and pads them to a
+        multiple of ``pad_to_multiple``. Returns ``(p_ctc, p_seq, wav_lens, hyps)``;
+        ``p_ctc`` is None once CTC is off, ``hyps`` None in training.
+        """
         batch = batch.to(self.device)
         wavs, wav_lens = batch.sig
         tokens_bos, _ = batch.tokens_bos
@@ -247,11 +261,16 @@ class ASRBrain(sb.core.Brain):
         return p_ctc, p_seq, wav_lens, hyps
 
     def is_ctc_active(self, stage):
+        """Whether CTC is in the loss: TRAIN only, for the first ``number_of_ctc_epochs``."""
         if stage != sb.Stage.TRAIN:
             return False
         return self.hparams.epoch_counter.current <= self.hparams.number_of_ctc_epochs
 
     def compute_objectives(self, predictions, batch, stage):
+        """Attention NLL, mixed with CTC by ``ctc_weight`` while CTC is active.
+
+        Outside TRAIN it also accumulates the hypotheses' WER and CER statistics.
+        """
         p_ctc, p_seq, wav_lens, hyps = predictions
         tokens_eos, tokens_eos_lens = batch.tokens_eos
         tokens, tokens_lens = batch.tokens
@@ -267,11 +286,17 @@ class ASRBrain(sb.core.Brain):
         return loss
 
     def on_stage_start(self, stage, epoch=None):
+        """Fresh WER and CER metrics for VALID and TEST."""
         if stage != sb.Stage.TRAIN:
             self.wer_metric = self.hparams.error_rate_computer()
             self.cer_metric = self.hparams.cer_computer()
 
     def on_stage_end(self, stage, stage_loss, epoch=None):
+        """Loss, WER and CER of the stage; VALID also keeps the lowest-WER checkpoint.
+
+        The learning rate follows the epoch, not the valid metrics; ``last_stats`` keeps
+        the figures for the build's report.
+        """
         stats = {"loss": stage_loss}
         if stage == sb.Stage.TRAIN:
             self.train_stats = stats

@@ -75,6 +75,12 @@ def _plots(figures, out):
 
 
 def run(profile="full", out="results", max_utterances=60, threads=1, repeats=3):
+    """Run the padding, fine-tuning and DDP-evaluation benchmarks on a built profile; the figures.
+
+    Writes ``report.md``, ``report.json`` and the plots into ``out``, with the
+    build's and the last fine-tuning run's figures when present. Raises
+    FileNotFoundError when the profile is not built.
+    """
     from sbtemplate.benchmarks import ddp_eval, finetune, padding
 
     paths = ProfilePaths.for_profile(profile)
@@ -181,6 +187,7 @@ def run(profile="full", out="results", max_utterances=60, threads=1, repeats=3):
 
 
 def main(argv=None):
+    """Command line of :func:`run`; exit status 0."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--profile", default="full", choices=profile_names())
     parser.add_argument("--out", default="results", help="report folder")

@@ -127,6 +127,12 @@ def build_config(profile):
 
 # ------------------------------------------------------------------ stages --
 def build_manifests(paths, cfg):
+    """Stage: the corpus's JSON descriptors and the LM text files; returns the manifests folder.
+
+    ``lm_train.txt`` is the general-domain LM text plus the ASR training
+    transcripts; the target-domain text splits are copied as they are.
+    """
+
     def work(tmp):
         prepare_corpus(paths.corpus, tmp, DESCRIPTORS)
         text = paths.corpus / "text"
@@ -143,6 +149,7 @@ def build_manifests(paths, cfg):
 
 
 def build_tokenizer(paths, cfg):
+    """Stage: the SentencePiece unigram tokenizer of ``lm_train.txt``; its ``.model`` file."""
     from sbtemplate.base_recognizer import train_tokenizer
 
     vocab = cfg["tokenizer"]["vocab_size"]
@@ -210,6 +217,7 @@ def _train_lm(
 
 
 def build_lm(paths, cfg, tokenizer_file):
+    """Stage: the base RNNLM trained on the general LM text; returns its ``lm.ckpt``."""
     fingerprint = {
         "corpus": cfg["corpus"],
         "tok": cfg["tokenizer"],
@@ -267,6 +275,11 @@ def build_domain_lm(paths, cfg, tokenizer_file, lm_file):
 
 
 def build_asr(paths, cfg, tokenizer_file):
+    """Stage: the CRDNN recognizer (CTC + attention); returns the experiment folder.
+
+    Trains in this process, or on ``ranks`` CPU DDP processes under torchrun that
+    each take ``batch_size // ranks`` utterances per step (one process on a GPU).
+    """
     from sbtemplate.base_recognizer import train_asr
 
     sizes = {
@@ -554,6 +567,7 @@ def _build_stages(paths, force, progress):
 
 
 def main(argv=None):
+    """Command line of :func:`build`; exit status 0."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--profile", default="full", choices=profile_names())
     parser.add_argument("--root", default=None, help="artefacts root (default: ./artifacts)")

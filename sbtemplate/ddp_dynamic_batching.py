@@ -153,6 +153,10 @@ class DistributedDynamicBatchSampler(Sampler):
         return batches
 
     def set_epoch(self, epoch):
+        """Plan the batches of ``epoch`` and take this rank's share (every ``world_size``-th batch).
+
+        ``Brain`` calls it at the start of each epoch.
+        """
         self.epoch = int(epoch)
         self.batches = self.global_batches(self.epoch)
         self.rank_batches = self.batches[self.rank :: self.world_size]

@@ -18,6 +18,7 @@ from speechbrain.utils.metric_stats import ErrorRateStats
 
 
 def load_asr(model_dir, savedir, run_opts=None):
+    """The recognizer in ``model_dir`` through the pretrained interface; on the CPU by default."""
     from speechbrain.inference.ASR import EncoderDecoderASR
 
     return EncoderDecoderASR.from_hparams(

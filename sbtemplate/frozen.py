@@ -30,6 +30,7 @@ class FrozenModule(torch.nn.Module):
         return super().train(False)
 
     def forward(self, *args, **kwargs):
+        """The wrapped module's forward, unchanged."""
         return self.module(*args, **kwargs)
 
 

@@ -15,6 +15,7 @@ MANIFEST_NAME = "manifest.json"
 
 
 def sha256_file(path, chunk_size=1 << 20):
+    """Hex sha256 of a file, read in ``chunk_size``-byte chunks (never whole in memory)."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(chunk_size), b""):
@@ -35,6 +36,7 @@ def write_manifest(folder):
 
 
 def read_manifest(folder):
+    """A published folder's ``{file: {sha256, size}}``; FileNotFoundError without a manifest."""
     path = Path(folder) / MANIFEST_NAME
     if not path.is_file():
         raise FileNotFoundError(f"No {MANIFEST_NAME} in {folder}: was the model published?")

@@ -32,6 +32,10 @@ class ProfilePaths:
 
     @classmethod
     def for_profile(cls, profile, root=None):
+        """The layout of ``profile`` under ``root`` (default: :func:`artifacts_root`).
+
+        An unknown profile raises ValueError here, before any path is used.
+        """
         from sbtemplate.profiles import profile_file
 
         profile_file(profile)  # an unknown profile is named here

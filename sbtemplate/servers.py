@@ -75,26 +75,31 @@ class PublishedFolder:
         self._lock = threading.Lock()
 
     def exists(self):
+        """Whether the folder is there (the Hub answers "repo not found" when it is not)."""
         return self.folder.is_dir()
 
     def files(self):
+        """``{name: path}`` of the folder's regular files, by name (empty if the folder is gone)."""
         if not self.folder.is_dir():
             return {}
         return {p.name: p for p in sorted(self.folder.iterdir()) if p.is_file()}
 
     def path(self, name):
+        """Path of published file ``name``, or None (no name leads out of the folder)."""
         if "/" in name or name in ("", ".", ".."):
             return None
         candidate = self.folder / name
         return candidate if candidate.is_file() else None
 
     def manifest(self):
+        """The folder's ``manifest.json`` as a dict (empty when missing or unreadable)."""
         try:
             return json.loads((self.folder / MANIFEST_NAME).read_text())
         except (OSError, ValueError):
             return {}
 
     def sha256(self, name):
+        """Hex sha256 of file ``name``: the manifest's, else hashed once per (size, mtime)."""
         entry = self.manifest().get(name)
         if entry and name != MANIFEST_NAME:
             return entry["sha256"]
@@ -116,6 +121,8 @@ class PublishedFolder:
 
 @dataclass
 class Request:
+    """One logged request: method, path, status, body bytes sent and the ``Range`` asked for."""
+
     method: str
     path: str
     status: int
@@ -460,12 +467,14 @@ class HubServer(_LoopbackServer):
             self.publish(repo_id, folder)
 
     def publish(self, repo_id, folder):
+        """Serve ``folder`` as model repo ``repo_id`` (``org/name``); the server, for chaining."""
         if repo_id.count("/") != 1:
             raise ValueError(f"Repo ids look like 'org/name', got {repo_id!r}")
         self.repos[repo_id] = PublishedFolder(folder)
         return self
 
     def commit(self, repo_id):
+        """The commit id of ``repo_id`` (``X-Repo-Commit``): it changes with the content."""
         return self.repos[repo_id].commit()
 
 
@@ -503,10 +512,12 @@ class UrlServer(_LoopbackServer):
             self.publish(prefix, folder)
 
     def publish(self, prefix, folder):
+        """Serve ``folder`` under ``/{prefix}/``; returns the server, for chaining."""
         self.folders[prefix.strip("/")] = PublishedFolder(folder)
         return self
 
     def base_url(self, prefix):
+        """The URL of the ``prefix`` folder: ``{base_url}/{file}`` downloads one of its files."""
         return f"{self.url}/{quote(prefix.strip('/'))}"
 
 
@@ -536,6 +547,7 @@ class Served:
         return self.urls.base_url(self.repo_id)
 
     def file_url(self, name):
+        """The URL server's download address of published file ``name``."""
         return f"{self.url_base}/{quote(name)}"
 
 
@@ -555,6 +567,7 @@ def serve(folder, repo_id, hub_server=HubServer, url_server=UrlServer):
 
 
 def main(argv=None):
+    """Serve a profile's recognizer (or ``--folder``) as a Hub repo and as URLs until Ctrl-C."""
     from sbtemplate.paths import REPO_ID, ProfilePaths
 
     parser = argparse.ArgumentParser(

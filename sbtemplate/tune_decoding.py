@@ -37,6 +37,7 @@ DEV_SPLITS = ("valid_target", "valid")  # descriptors without test speech
 
 
 def load_dev_set(profile_paths, split="valid_target"):
+    """``[(id, wav path, words)]`` of a dev descriptor, by id; FileNotFoundError if not built."""
     manifest = profile_paths.manifests / f"{split}.json"
     if not manifest.is_file():
         raise FileNotFoundError(
@@ -64,6 +65,7 @@ def decode_all(asr, items, batch_size):
 
 
 def score(items, hyps):
+    """WER and SER (share of utterances not transcribed exactly), both in percent."""
     from speechbrain.utils.metric_stats import ErrorRateStats
 
     stats = ErrorRateStats()
@@ -126,6 +128,7 @@ def tune(
 
 
 def main(argv=None):
+    """Command line of :func:`tune`: prints the grid, marks the best, optionally writes the JSON."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--profile", default="full", choices=profile_names())
     parser.add_argument(

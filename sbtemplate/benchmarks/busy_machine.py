@@ -113,6 +113,7 @@ def _all(values):
 
 
 def main(argv=None):
+    """Command line: time the run alone and busy under each OMP wait policy, print the ratios."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--profile", default="tiny", choices=profile_names())
     parser.add_argument("--repeats", type=int, default=3)

@@ -48,6 +48,7 @@ def _free_port():
 
 
 def available_cores():
+    """Cores this process may run on (its CPU affinity, not the machine's core count)."""
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
@@ -96,6 +97,13 @@ def read_items(manifest, data_root, limit=None):
 
 
 def worker(job):
+    """One rank of a benchmark run, in its own process (``--worker job.json``).
+
+    Loads the recognizer and decodes a warm-up utterance outside the timed span,
+    then times :func:`~sbtemplate.distributed.evaluate_sharded` from a barrier to
+    the gathered summary; rank 0 writes ``result.json`` (wall time, per-rank busy
+    seconds, WER).
+    """
     import datetime
 
     import torch
@@ -303,6 +311,7 @@ def run(
 
 
 def format_table(figures):
+    """The figures of :func:`run` as a plain-text table, one row per world size."""
     lines = [
         f"{figures['utterances']} utterances, batch size {figures['batch_size']},"
         f" {figures['cores']} cores, reader {figures['reader']},"
@@ -321,6 +330,7 @@ def format_table(figures):
 
 
 def main(argv=None):
+    """Command line of :func:`run`, or of one rank with ``--worker``; exit status 0."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2])

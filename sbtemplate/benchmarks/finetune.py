@@ -80,6 +80,11 @@ def _nll(log_probs, targets, rel_lens):
 
 
 def lm_step_fn(hparams):
+    """A training step of the LM alone (Adam, next-token NLL) and the LM's parameter count.
+
+    Returns ``(step, n_params)``; ``step(batch)`` trains on the batch's
+    transcripts and returns the loss.
+    """
     lm = hparams["lm_model"]
     lm.train()
     optimizer = torch.optim.Adam(lm.parameters(), lr=1e-3)
@@ -99,6 +104,11 @@ def lm_step_fn(hparams):
 
 
 def asr_step_fn(hparams, ctc_weight=0.3, blank_index=0):
+    """A training step of the whole recognizer (seq2seq NLL + CTC) and its parameter count.
+
+    Returns ``(step, n_params)``; ``step(batch)`` trains on a speech batch and
+    returns the loss, ``ctc_weight`` weighting CTC as the ASR recipe does.
+    """
     from speechbrain.nnet.losses import ctc_loss
 
     modules = torch.nn.ModuleList([hparams["asr_model"], hparams["normalizer"]])
@@ -129,6 +139,7 @@ def asr_step_fn(hparams, ctc_weight=0.3, blank_index=0):
 
 
 def time_steps(step, batch, repeats, warmup=2):
+    """Seconds per ``step(batch)``: median and minimum of ``repeats`` calls, after a warm-up."""
     for _ in range(warmup):
         step(batch)
     times = []
@@ -151,6 +162,13 @@ def lm_epoch(hparams, dataset, batches):
 
 
 def batching_comparison(hparams, text_file, dynamic_opts, fixed_batch_size, seed):
+    """One LM epoch with dynamic batches against one with shuffled fixed-size batches.
+
+    Both start from the same LM weights, restored afterwards. Without
+    ``fixed_batch_size`` the fixed plan has as many batches as the dynamic one (the
+    same number of steps). Returns each plan's padding statistics, wall time and
+    tokens and sentences per second.
+    """
     from sbtemplate.base_recognizer import lm_text_dataset, read_text_split
     from sbtemplate.ddp_dynamic_batching import (
         DistributedDynamicBatchSampler,
@@ -205,6 +223,7 @@ def finetune_yaml_batching(path=ROOT / "finetune.yaml"):
 
 
 def run(profile="tiny", batch_size=8, repeats=5, fixed_batch_size=None, threads=None, seed=0):
+    """Both comparisons (training step, batching) on a built profile's recognizer; the figures."""
     from sbtemplate.paths import ProfilePaths
 
     torch.set_flush_denormal(True)
@@ -257,6 +276,7 @@ def run(profile="tiny", batch_size=8, repeats=5, fixed_batch_size=None, threads=
 
 
 def format_table(fig):
+    """The figures of :func:`run` as a plain-text table."""
     s, b = fig["step"], fig["batching"]
     lines = [
         f"{fig['profile']} profile, {fig['threads']} threads, load average {fig['load_average']:.1f}",
@@ -281,6 +301,7 @@ def format_table(fig):
 
 
 def main(argv=None):
+    """Command line of :func:`run`: prints the table, optionally writes the JSON; exit status 0."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--profile", default="tiny", choices=profile_names())
     parser.add_argument("--batch-size", type=int, default=8, help="utterances in the step batch")

@@ -29,6 +29,12 @@ def _fmt(value, spec=".2f"):
 
 
 def table(out_dir, cpu_reference):
+    """The Markdown report of a ``gpu_check.sh`` output folder, compared with a CPU run.
+
+    Fine-tuning runs (WERs, path agreement, frozen ASR, identical LM ranks), the WER
+    gap between the 1-rank GPU run and the CPU reference, decoding throughput GPU
+    against CPU, and the step log. Missing inputs show as "missing" rows.
+    """
     out_dir = Path(out_dir)
     lines = [
         "| run | device | WER base LM | WER fine-tuned (Brain) | paths identical | jiwer agrees | ASR frozen | LM ranks identical |",
@@ -97,6 +103,7 @@ def table(out_dir, cpu_reference):
 
 
 def main(argv=None):
+    """Command line of :func:`table`: prints the Markdown; exit status 0."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir")
     parser.add_argument(

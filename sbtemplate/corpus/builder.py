@@ -62,6 +62,7 @@ def corpus_fingerprint(sizes, seed):
 
 
 def is_complete(root, sizes, seed):
+    """Whether ``root`` holds a finished corpus of these sizes and seed (its marker matches)."""
     marker = Path(root) / COMPLETE_MARKER
     if not marker.is_file():
         return False

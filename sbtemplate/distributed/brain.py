@@ -118,6 +118,11 @@ class DDPEvalMixin:
         return self._ddp_eval_group
 
     def make_dataloader(self, dataset, stage, ckpt_prefix="dataloader-", **loader_kwargs):
+        """Shard VALID/TEST loaders (whole length-sorted batches per rank) and record their ids.
+
+        The ids are the ledger :meth:`gather_eval_stats` checks; other stages go to
+        ``Brain`` unchanged.
+        """
         if self._ddp_eval_stage(stage):
             loader_kwargs = sharded_eval_loader_kwargs(
                 dataset,
@@ -130,6 +135,7 @@ class DDPEvalMixin:
         return super().make_dataloader(dataset, stage, ckpt_prefix, **loader_kwargs)
 
     def update_average(self, loss, avg_loss):
+        """Also sum this rank's finite batch losses, so the report can average over all ranks."""
         acc = self._ddp_eval_loss
         if acc is not None and torch.isfinite(loss):
             acc[0] += float(loss)
@@ -139,6 +145,11 @@ class DDPEvalMixin:
     def evaluate(
         self, test_set, max_key=None, min_key=None, progressbar=None, test_loader_kwargs=None
     ):
+        """``Brain.evaluate`` on the unwrapped modules, synchronised from rank 0 first.
+
+        An error on one rank reaches every rank; under DDP ``on_stage_end`` must call
+        :meth:`gather_eval_stats`, or this raises.
+        """
         return self._ddp_eval_run(
             "TEST",
             super().evaluate,

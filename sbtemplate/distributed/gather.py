@@ -123,6 +123,7 @@ class EvalReport:
 
     @property
     def wer(self):
+        """Word error rate over all ranks, in percent."""
         return self.summary["WER"]
 
     @property
@@ -134,6 +135,7 @@ class EvalReport:
         return sum(r["loss_sum"] for r in self.per_rank) / batches
 
     def rank_lines(self):
+        """One line per rank: utterances scored and the shard's WER (``n/a`` if it is empty)."""
         lines = []
         for r in self.per_rank:
             wer = "n/a" if r["WER"] is None else f"{r['WER']:.2f}%"
@@ -144,6 +146,7 @@ class EvalReport:
         return lines
 
     def summary_line(self):
+        """The one-line summary over all ranks: WER with edit counts, SER and utterance count."""
         s = self.summary
         return (
             f"{self.name} summary: WER {s['WER']:.2f}% [{s['num_edits']} / {s['num_scored_tokens']},"
@@ -153,6 +156,7 @@ class EvalReport:
         )
 
     def to_json(self):
+        """The JSON summary file's content: summary fields, world size, loss, per-rank figures."""
         out = {key: self.summary[key] for key in SUMMARY_FIELDS if key in self.summary}
         out["name"] = self.name
         out["world_size"] = self.world_size

@@ -53,6 +53,7 @@ class FetchError(RuntimeError):
         return f"Cannot fetch {self.filename!r} from {where}{suffix}: {self.reason}"
 
     def as_dict(self):
+        """The constructor's arguments: for pickling and for sending the error to other ranks."""
         return {
             "kind": self.kind,
             "source": self.source,

@@ -28,6 +28,7 @@ class Endpoints:
     served: object = None  # sbtemplate.servers.Served in loopback mode
 
     def describe(self):
+        """One line for the logs: loopback servers or public endpoints, the Hub and the URL base."""
         where = "loopback servers" if self.mode == "loopback" else "public endpoints"
         return f"{where}: Hub {self.hub_endpoint}, URLs {self.url_base}/<file>"
 

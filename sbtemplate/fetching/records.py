@@ -26,6 +26,7 @@ class FetchRecord:
     seconds: float
 
     def describe(self):
+        """One report line: file, status (downloaded/cached/local), source and local path."""
         label = _KIND_LABEL[self.kind]
         return f"{self.filename:<22} {self.status:<10} from {label} {self.source} -> {self.path}"
 
