@@ -39,6 +39,7 @@ from sbtemplate import fetching, run_lock
 from sbtemplate.audio_check import AudioFormatError, check_audio_format
 from sbtemplate.config_checks import ConfigError, check_override_types
 from sbtemplate.paths import artifacts_root
+from sbtemplate.run_setup import EXIT_INPUT_ERROR
 from sbtemplate.slu import (
     fetched_sources,
     pad_token_ids,
@@ -278,7 +279,7 @@ def main(argv=None):
         check_override_types(hparams_file, overrides)
     except ConfigError as error:
         print(f"\nCANNOT RUN: {error}", file=sys.stderr)
-        return 2
+        return EXIT_INPUT_ERROR
     overrides.setdefault("artifacts", str(artifacts_root()))
     cache = fetching.read_plain_keys(hparams_file, ["fetch_cache"], overrides)["fetch_cache"]
     try:
@@ -313,10 +314,10 @@ def main(argv=None):
             fetched = fetched_sources(fetching.fetch_log)
     except fetching.FetchError as error:
         print(f"\nFETCH FAILED: {error}", file=sys.stderr)
-        return 2
+        return EXIT_INPUT_ERROR
     except (FileNotFoundError, run_lock.OutputFolderInUse) as error:  # not built (yet), or busy
         print(f"\nCANNOT RUN: {error}", file=sys.stderr)
-        return 2
+        return EXIT_INPUT_ERROR
     if asr.tokenizer.get_piece_size() > hparams["num_asr_tokens"]:
         raise ValueError(
             f"num_asr_tokens ({hparams['num_asr_tokens']}) is smaller than the recognizer's "
@@ -333,7 +334,7 @@ def main(argv=None):
         )
     except AudioFormatError as error:
         print(f"\nCANNOT RUN: {error}", file=sys.stderr)
-        return 2
+        return EXIT_INPUT_ERROR
 
     # 4. The Brain.
     slu_brain = SLU(

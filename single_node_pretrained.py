@@ -8,15 +8,17 @@
 2. the same with a plain string source and a ``savedir``.
 
 By default the Hub is the project's loopback Hub server publishing the
-profile's recognizer (sbtemplate.servers); ``--fetch_endpoints public`` uses
-huggingface.co instead (see docs/fetching.md). Prints what was fetched from
-where and the transcripts; exits 0 when all is well, 1 when a check fails and
-2 when fetching fails (one clear message).
+profile's recognizer (sbtemplate.servers); ``--fetch_endpoints=public`` uses
+huggingface.co instead (see docs/fetching.md). The settings are
+single_node_pretrained.yaml's; SpeechBrain's arguments (``--device``) apply.
+Prints what was fetched from where and the transcripts; exits 0 when all is
+well, 1 when a check fails and 2 when the profile is not built or fetching
+fails (one clear message).
 
-    python single_node_pretrained.py --profile tiny
+    python single_node_pretrained.py single_node_pretrained.yaml \
+        --build_profile='!include:sbtemplate/hparams/profiles/tiny.yaml'
 """
 
-import argparse
 import contextlib
 import json
 import logging
@@ -24,43 +26,41 @@ import os
 import sys
 from pathlib import Path
 
-# Only modules that do not import huggingface_hub before the endpoint is set.
-from sbtemplate import fetching, servers
-from sbtemplate.paths import REPO_ID, ProfilePaths
-from sbtemplate.profiles import profile_names
+# Configures the Hub endpoint before anything imports huggingface_hub.
+from sbtemplate import fetching, servers  # isort: skip
+
+import ruamel.yaml
+import speechbrain as sb
+from hyperpyyaml import load_hyperpyyaml
+
+from sbtemplate.paths import ProfilePaths, artifacts_root
+from sbtemplate.run_setup import EXIT_FAILED, EXIT_INPUT_ERROR
 
 
 def parse_args(argv):
-    """The command line: profile, endpoints, repo, example audio, device, cache and savedir."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--profile", default="full", choices=profile_names())
-    parser.add_argument(
-        "--artifacts", help="artefacts root (default: SBTEMPLATE_ARTIFACTS or ./artifacts)"
-    )
-    parser.add_argument("--fetch_endpoints", default="loopback", choices=fetching.ENDPOINT_MODES)
-    parser.add_argument("--public_hub_endpoint", default=fetching.PUBLIC_HUB_ENDPOINT)
-    parser.add_argument("--repo_id", default=REPO_ID, help="Hub repo of the recognizer")
-    parser.add_argument(
-        "--example", help="example audio file in the repo (default: the first one listed)"
-    )
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--cache_dir", help="fetch cache (default: <profile>/fetch-cache)")
-    parser.add_argument(
-        "--savedir", help="savedir of case 2 (default: <profile>/pretrained_models/<repo>)"
-    )
-    parser.add_argument("--offline", action="store_true", help="fetch from the cache only")
-    parser.add_argument("-v", "--verbose", action="store_true")
-    return parser.parse_args(argv)
+    """SpeechBrain's arguments, and the YAML loaded once with the overrides."""
+    hparams_file, run_opts, overrides = sb.parse_arguments(list(argv))
+    # Round-trip: tags such as --build_profile='!include:...' stay tags.
+    overrides = ruamel.yaml.YAML(typ="rt").load(overrides or "") or {}
+    overrides.setdefault("artifacts", str(artifacts_root()))  # SBTEMPLATE_ARTIFACTS
+    if overrides.get("fetch_endpoints", "loopback") not in fetching.ENDPOINT_MODES:
+        raise SystemExit(
+            f"--fetch_endpoints must be one of {fetching.ENDPOINT_MODES}, "
+            f"got {overrides['fetch_endpoints']!r}"
+        )
+    with open(hparams_file) as handle:
+        hparams = load_hyperpyyaml(handle, overrides)
+    return hparams, run_opts
 
 
 @contextlib.contextmanager
-def hub_for(args, paths):
+def hub_for(hparams, paths):
     """Yields the Hub endpoint, serving the profile's recognizer when loopback."""
-    if args.fetch_endpoints == "public":
-        yield args.public_hub_endpoint.rstrip("/")
+    if hparams["fetch_endpoints"] == "public":
+        yield hparams["public_hub_endpoint"].rstrip("/")
         return
-    with servers.serve(paths.local_repo, args.repo_id) as served:
-        print(f"Serving {paths.local_repo} as {args.repo_id} at {served.hub_endpoint}")
+    with servers.serve(paths.local_repo, hparams["repo_id"]) as served:
+        print(f"Serving {paths.local_repo} as {hparams['repo_id']} at {served.hub_endpoint}")
         yield served.hub_endpoint
 
 
@@ -104,7 +104,7 @@ def word_errors(reference, hypothesis):
     return details["num_edits"], details["num_ref_tokens"]
 
 
-def run_checks(args, paths):
+def run_checks(hparams, device):
     """Run both fetch-and-transcribe cases; returns the problems found (empty when all is well).
 
     Case 1 must fetch from the Hub only and not download again when loading after
@@ -114,10 +114,10 @@ def run_checks(args, paths):
     from speechbrain.inference.ASR import EncoderDecoderASR
     from speechbrain.utils.fetching import FetchFrom, FetchSource, guess_source
 
-    repo = args.repo_id
-    run_opts = {"device": args.device}
+    repo = hparams["repo_id"]
+    run_opts = {"device": device}
     problems = []
-    wav, manifest = example_audio(repo, args.example)
+    wav, manifest = example_audio(repo, hparams["example"])
 
     def new_records(start):
         return fetching.fetch_log[start:]
@@ -146,11 +146,7 @@ def run_checks(args, paths):
         problems.append("loading after download_only downloaded again")
     print(f"  transcript: {text_1!r}")
 
-    savedir = (
-        Path(args.savedir)
-        if args.savedir
-        else paths.root / "pretrained_models" / repo.split("/")[-1]
-    )
+    savedir = Path(hparams["savedir"])
     guessed = guess_source(repo)[0]
     print(
         f"\n== Case 2: from_hparams({repo!r}) (a plain string, taken as {guessed.name}), savedir={savedir}"
@@ -179,32 +175,34 @@ def main(argv=None):
     Exit status 0 when all is well, 1 when a check fails, 2 when the profile is not
     built or fetching fails.
     """
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
-    # SpeechBrain sets its loggers' level from SB_LOG_LEVEL when it is imported.
-    os.environ["SB_LOG_LEVEL"] = (
-        "INFO" if args.verbose else os.environ.get("SB_LOG_LEVEL", "WARNING")
-    )
-    root = Path(args.artifacts) if args.artifacts else None
-    paths = ProfilePaths.for_profile(args.profile, root=root)
-    if args.fetch_endpoints == "loopback" and not paths.local_repo.is_dir():
+    hparams, run_opts = parse_args(sys.argv[1:] if argv is None else argv)
+    verbose = bool(hparams["verbose"])
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING)
+    # SpeechBrain's loggers follow SB_LOG_LEVEL.
+    os.environ["SB_LOG_LEVEL"] = "INFO" if verbose else os.environ.get("SB_LOG_LEVEL", "WARNING")
+    for name in ("speechbrain", "httpx", "httpx2"):
+        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
+    paths = ProfilePaths.for_profile(hparams["profile"], root=hparams["artifacts"])
+    if hparams["fetch_endpoints"] == "loopback" and not paths.local_repo.is_dir():
         print(
             f"{paths.local_repo} does not exist: build the profile first "
-            f"(python -m sbtemplate.build --profile {args.profile})",
+            f"(python -m sbtemplate.build --profile {paths.profile})",
             file=sys.stderr,
         )
-        return 2
-    cache = Path(args.cache_dir) if args.cache_dir else paths.root / "fetch-cache"
+        return EXIT_INPUT_ERROR
+    cache = Path(hparams["cache_dir"])
     try:
-        with hub_for(args, paths) as endpoint:
-            fetching.setup(hub_endpoint=endpoint, cache_dir=cache, allow_network=not args.offline)
-            problems = run_checks(args, paths)
+        with hub_for(hparams, paths) as endpoint:
+            fetching.setup(
+                hub_endpoint=endpoint, cache_dir=cache, allow_network=not hparams["offline"]
+            )
+            problems = run_checks(hparams, run_opts["device"])
     except fetching.FetchError as error:
         print(f"\nFETCH FAILED: {error}", file=sys.stderr)
-        return 2
+        return EXIT_INPUT_ERROR
     if problems:
         print("\nFAILED: " + "; ".join(problems), file=sys.stderr)
-        return 1
+        return EXIT_FAILED
     print("\nOK: fetched from the Hub, loaded with run options, transcribed twice alike.")
     return 0
 

@@ -12,19 +12,21 @@ from network_guard import _forbid_network  # noqa: F401 - autouse fixture
 
 from sbtemplate import fetching, servers
 from sbtemplate.paths import REPO_ID
+from sbtemplate.profiles import profile_file
 
 SCRIPT = Path(__file__).resolve().parent.parent / "single_node_pretrained.py"
+HPARAMS = SCRIPT.with_suffix(".yaml")
 
 
 def run_script(*args):
+    """The script's main() on its YAML with ``args`` (``--key value`` pairs)."""
     script = runpy.run_path(str(SCRIPT), run_name="single_node_pretrained")
-    return script["main"](list(args))
+    return script["main"]([str(HPARAMS), *args])
 
 
 def test_single_node_pretrained(tiny_paths, tmp_path, capsys, restored_fetching):
     common = (
-        "--profile",
-        tiny_paths.profile,
+        f"--build_profile=!include:{profile_file(tiny_paths.profile)}",
         "--artifacts",
         str(tiny_paths.root.parent),
         "--cache_dir",
@@ -61,13 +63,12 @@ def test_single_node_pretrained_offline_with_an_empty_cache_fails_clearly(
     tiny_paths, tmp_path, capsys, restored_fetching
 ):
     code = run_script(
-        "--profile",
-        tiny_paths.profile,
+        f"--build_profile=!include:{profile_file(tiny_paths.profile)}",
         "--artifacts",
         str(tiny_paths.root.parent),
         "--cache_dir",
         str(tmp_path / "cache"),
-        "--offline",
+        "--offline=True",
     )
     err = capsys.readouterr().err
     assert code == 2

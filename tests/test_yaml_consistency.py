@@ -532,6 +532,10 @@ PAIRS = {
             *DISTRIBUTED,
         ),
     ),
+    "single_node": Pair(
+        "single_node_pretrained.yaml",
+        (Source("single_node_pretrained.py"),),
+    ),
     "multisource": Pair(
         "multisource_mini_recipe.yaml",
         (
