@@ -29,12 +29,15 @@ import sys
 import time
 from pathlib import Path
 
+# isort: off
+import sbtemplate  # noqa: F401 - first: sets the thread wait policy before torch starts
+# isort: on
+
 import speechbrain as sb
 import torch
 from hyperpyyaml import load_hyperpyyaml
 from speechbrain.utils.distributed import run_on_main
 
-import sbtemplate  # noqa: F401 - first: sets the thread wait policy before torch starts
 from sbtemplate import fetching, run_lock
 from sbtemplate.audio_check import AudioFormatError, check_audio_format
 from sbtemplate.config_checks import ConfigError, check_override_types
