@@ -337,234 +337,219 @@ class LMFineTuneBrain(DDPEvalMixin, sb.Brain):
 
 
 def run(hparams_file, run_opts, overrides):
-    """Set up, fetch, fine-tune and evaluate, as finetune.yaml says; the results."""
-    from hyperpyyaml import load_hyperpyyaml
-
+    """Load, fetch, fine-tune and evaluate, as finetune.yaml says; the results."""
     from sbtemplate import finetune_eval as fe
     from sbtemplate import run_lock
     from sbtemplate.audio_check import check_audio_format
-    from sbtemplate.config_checks import check_override_types
-    from sbtemplate.paths import ProfilePaths
 
     timings, started = {}, time.time()
-    # The file's syntax and the overrides' types, named clearly, before anything.
-    check_override_types(hparams_file, overrides)
-    keys = fetching.read_plain_keys(
-        hparams_file, ["profile", "artifacts", "collective_timeout_s"], overrides
-    )
-    profile, artifacts = str(keys["profile"]), keys["artifacts"]
-    paths = ProfilePaths.for_profile(profile, root=None if artifacts == "artifacts" else artifacts)
+    # 1. Hyperparameters, loaded once (a misspelt override fails here, on every
+    #    rank). In loopback mode, loading starts the Hub and URL servers.
+    hparams = run_setup.load_hparams(hparams_file, overrides)
 
-    # 1. Process group first (one timeout on every collective), so that every
-    #    rank fetches through rank 0's endpoints.
-    run_setup.init_distributed(run_opts, keys["collective_timeout_s"])
+    # 2. The process group (one timeout on every collective), then the Hub
+    #    client pointed where the file says.
+    run_setup.init_distributed(run_opts, hparams["collective_timeout_s"])
     rank, world = rank_and_world_size()
-    cache = paths.root / "fetch-cache"
+    endpoints = fetching.use_endpoints(hparams, cache_dir=hparams["fetch_cache"])
 
-    with fetching.fetch_endpoints(hparams_file, overrides, cache_dir=cache) as ep:
-        # 2. Hyperparameters (a misspelt override fails here, on every rank).
-        with open(hparams_file) as fin:
-            hparams = load_hyperpyyaml(fin, run_setup.shared_endpoints(ep, cache))
-
-        # 3. Data preparation: unusable test audio (missing, undecodable, another
-        #    sample rate or channel count) is reported now, on every rank, before
-        #    any training.
-        test_set = speech_test_set(hparams)
-        test_entries = entries_of(test_set)
-        check_audio_format(test_entries, hparams["test_annotation"], hparams["sample_rate"])
-        # One run per output folder: rank 0 locks it, every rank learns the outcome.
-        busy = None
-        if rank == 0:
-            try:
-                run_lock.hold_output_folder(hparams["output_folder"])
-            except run_lock.OutputFolderInUse as error:
-                busy = str(error)
-        busy = exchange(busy, what="output folder lock")[0]
-        if busy:
-            raise run_lock.OutputFolderInUse(busy)
-        sb.create_experiment_directory(
-            experiment_directory=hparams["output_folder"],
-            hyperparams_to_save=hparams_file,
-            overrides=ep.overrides,
+    # 3. Data preparation: unusable test audio (missing, undecodable, another
+    #    sample rate or channel count) is reported now, on every rank, before
+    #    any training.
+    test_set = speech_test_set(hparams)
+    test_entries = entries_of(test_set)
+    check_audio_format(test_entries, hparams["test_annotation"], hparams["sample_rate"])
+    # One run per output folder: rank 0 locks it, every rank learns the outcome.
+    busy = None
+    if rank == 0:
+        try:
+            run_lock.hold_output_folder(hparams["output_folder"])
+        except run_lock.OutputFolderInUse as error:
+            busy = str(error)
+    busy = exchange(busy, what="output folder lock")[0]
+    if busy:
+        raise run_lock.OutputFolderInUse(busy)
+    sb.create_experiment_directory(
+        experiment_directory=hparams["output_folder"],
+        hyperparams_to_save=hparams_file,
+        overrides=overrides,
+    )
+    main = rank == 0
+    if main:
+        print(
+            f"Fine-tuning the LM of {hparams['repo_id']} ({hparams['profile']} profile) on "
+            f"{world} rank(s), backend {torch.distributed.get_backend() if torch.distributed.is_initialized() else '-'}, "
+            f"device {run_opts.device}; {endpoints}",
+            flush=True,
         )
-        main = rank == 0
-        if main:
-            print(
-                f"Fine-tuning the LM of {hparams['repo_id']} ({profile} profile) on "
-                f"{world} rank(s), backend {torch.distributed.get_backend() if torch.distributed.is_initialized() else '-'}, "
-                f"device {run_opts.device}; {ep.describe()}",
-                flush=True,
+
+    # 4. Fetch (rank 0 downloads, the others wait) and load the recognizer.
+    STAGE["now"] = "fetching the recognizer"
+    fetching.collect_pretrained(hparams)
+    tokenizer = hparams["tokenizer"]
+    text = text_sets(hparams, tokenizer)
+
+    # 5. The Brain: the LM trains, the ASR modules are frozen beside it.
+    modules = {
+        "lm": hparams["lm_model"],
+        "asr": freeze(hparams["asr_model"]),  # ModuleList(enc, emb, dec, ctc_lin, seq_lin)
+        "normalizer": freeze(hparams["normalizer"]),
+    }
+    brain = LMFineTuneBrain(
+        modules=modules,
+        opt_class=hparams["opt_class"],
+        hparams=hparams,
+        run_opts=run_opts,
+        checkpointer=hparams["checkpointer"],
+        tokenizer=tokenizer,
+    )
+    train_sampler = train_batch_sampler(
+        text["train"], hparams["train_dynamic_batching"], hparams["seed"]
+    )
+    train_kwargs = {"batch_sampler": train_sampler}
+    valid_kwargs = {
+        "batch_sampler": eval_batch_sampler(text["valid"], hparams["valid_dynamic_batching"])
+    }
+    general_kwargs = {
+        "batch_sampler": eval_batch_sampler(text["general"], hparams["valid_dynamic_batching"])
+    }
+    test_kwargs = {"batch_size": hparams["test_batch_size"]}
+    if main:
+        for line in train_sampler.describe():
+            print(f"[train batching, epoch 0] {line}", flush=True)
+
+    frozen_before = brain.frozen_digests()
+    base_lm = brain.lm_state()
+    base_digest = state_digest(brain.lm)
+    backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else None
+    results = {
+        "profile": hparams["profile"],
+        "world_size": world,
+        "device": str(run_opts.device),
+        "backend": backend,
+        "perplexity": {},
+        "wer": {},
+    }
+    eval_dir = Path(hparams["eval_folder"])
+    timings["setup_s"] = time.time() - started
+
+    # 6. Before fine-tuning: perplexities and WER with the base LM.
+    STAGE["now"] = "evaluation with the base LM"
+    t = time.time()
+    results["perplexity"]["base"] = {
+        "target_valid": brain.lm_perplexity(text["valid"], valid_kwargs)["perplexity"],
+        "general_valid": brain.lm_perplexity(text["general"], general_kwargs)["perplexity"],
+    }
+    if hparams["evaluate_base"]:
+        report = brain.decode_test_set(test_set, test_kwargs, eval_dir, "test_base_lm")
+        results["wer"]["base_lm"] = report.wer
+    timings["base_eval_s"] = time.time() - t
+
+    # 7. Fine-tune the LM (resumes from the last checkpoint if interrupted).
+    STAGE["now"] = "fine-tuning"
+    t = time.time()
+    brain.fit(
+        hparams["epoch_counter"],
+        text["train"],
+        text["valid"],
+        train_loader_kwargs=train_kwargs,
+        valid_loader_kwargs=valid_kwargs,
+    )
+    timings["fit_s"] = time.time() - t
+    brain.checkpointer.recover_if_possible(min_key="valid_perplexity")
+    tuned_lm = brain.lm_state()
+    final_digests = exchange(
+        state_digest(brain.lm), group=brain.ddp_eval_group, what="fine-tuned LM check"
+    )
+    if len(set(final_digests)) != 1:
+        raise RuntimeError(f"the ranks hold different fine-tuned LMs: {final_digests}")
+    if main:
+        fe.export_finetuned_model(
+            hparams["local_repo"], Path(hparams["output_folder"]) / "finetuned_model", tuned_lm
+        )
+
+    # 8. After: perplexities, then the test set through both evaluation paths.
+    STAGE["now"] = "evaluation with the fine-tuned LM"
+    t = time.time()
+    results["perplexity"]["finetuned"] = {
+        "target_valid": brain.lm_perplexity(text["valid"], valid_kwargs)["perplexity"],
+        "general_valid": brain.lm_perplexity(text["general"], general_kwargs)["perplexity"],
+    }
+    reports = {}
+    if hparams["evaluate_finetuned"]:
+        reports["brain"] = brain.decode_test_set(
+            test_set, test_kwargs, eval_dir, "test_finetuned_brain"
+        )
+        if hparams["interface_readers"]:
+            asr = fe.load_interface(
+                hparams["interface_source"],
+                Path(hparams["output_folder"]) / "interface",
+                hparams["decoding_overrides"],
+                run_opts.device,
+                lm_state=tuned_lm,
             )
-
-        # 4. Fetch (rank 0 downloads, the others wait) and load the recognizer.
-        STAGE["now"] = "fetching the recognizer"
-        fetching.collect_pretrained(hparams)
-        tokenizer = hparams["tokenizer"]
-        text = text_sets(hparams, tokenizer)
-
-        # 5. The Brain: the LM trains, the ASR modules are frozen beside it.
-        modules = {
-            "lm": hparams["lm_model"],
-            "asr": freeze(hparams["asr_model"]),  # ModuleList(enc, emb, dec, ctc_lin, seq_lin)
-            "normalizer": freeze(hparams["normalizer"]),
-        }
-        brain = LMFineTuneBrain(
-            modules=modules,
-            opt_class=hparams["opt_class"],
-            hparams=hparams,
-            run_opts=run_opts,
-            checkpointer=hparams["checkpointer"],
-            tokenizer=tokenizer,
-        )
-        train_sampler = train_batch_sampler(
-            text["train"], hparams["train_dynamic_batching"], hparams["seed"]
-        )
-        train_kwargs = {"batch_sampler": train_sampler}
-        valid_kwargs = {
-            "batch_sampler": eval_batch_sampler(text["valid"], hparams["valid_dynamic_batching"])
-        }
-        general_kwargs = {
-            "batch_sampler": eval_batch_sampler(text["general"], hparams["valid_dynamic_batching"])
-        }
-        test_kwargs = {"batch_size": hparams["test_batch_size"]}
-        if main:
-            for line in train_sampler.describe():
-                print(f"[train batching, epoch 0] {line}", flush=True)
-
-        frozen_before = brain.frozen_digests()
-        base_lm = brain.lm_state()
-        base_digest = state_digest(brain.lm)
-        backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else None
-        results = {
-            "profile": profile,
-            "world_size": world,
-            "device": str(run_opts.device),
-            "backend": backend,
-            "perplexity": {},
-            "wer": {},
-        }
-        eval_dir = Path(hparams["eval_folder"])
-        timings["setup_s"] = time.time() - started
-
-        # 6. Before fine-tuning: perplexities and WER with the base LM.
-        STAGE["now"] = "evaluation with the base LM"
-        t = time.time()
-        results["perplexity"]["base"] = {
-            "target_valid": brain.lm_perplexity(text["valid"], valid_kwargs)["perplexity"],
-            "general_valid": brain.lm_perplexity(text["general"], general_kwargs)["perplexity"],
-        }
-        if hparams["evaluate_base"]:
-            report = brain.decode_test_set(test_set, test_kwargs, eval_dir, "test_base_lm")
-            results["wer"]["base_lm"] = report.wer
-        timings["base_eval_s"] = time.time() - t
-
-        # 7. Fine-tune the LM (resumes from the last checkpoint if interrupted).
-        STAGE["now"] = "fine-tuning"
-        t = time.time()
-        brain.fit(
-            hparams["epoch_counter"],
-            text["train"],
-            text["valid"],
-            train_loader_kwargs=train_kwargs,
-            valid_loader_kwargs=valid_kwargs,
-        )
-        timings["fit_s"] = time.time() - t
-        brain.checkpointer.recover_if_possible(min_key="valid_perplexity")
-        tuned_lm = brain.lm_state()
-        final_digests = exchange(
-            state_digest(brain.lm), group=brain.ddp_eval_group, what="fine-tuned LM check"
-        )
-        if len(set(final_digests)) != 1:
-            raise RuntimeError(f"the ranks hold different fine-tuned LMs: {final_digests}")
-        if main:
-            fe.export_finetuned_model(
-                paths.model_dir, Path(hparams["output_folder"]) / "finetuned_model", tuned_lm
-            )
-
-        # 8. After: perplexities, then the test set through both evaluation paths.
-        STAGE["now"] = "evaluation with the fine-tuned LM"
-        t = time.time()
-        results["perplexity"]["finetuned"] = {
-            "target_valid": brain.lm_perplexity(text["valid"], valid_kwargs)["perplexity"],
-            "general_valid": brain.lm_perplexity(text["general"], general_kwargs)["perplexity"],
-        }
-        reports = {}
-        if hparams["evaluate_finetuned"]:
-            reports["brain"] = brain.decode_test_set(
-                test_set, test_kwargs, eval_dir, "test_finetuned_brain"
-            )
-            if hparams["interface_readers"]:
-                asr = fe.load_interface(
-                    hparams["interface_source"],
-                    Path(hparams["output_folder"]) / "interface",
-                    hparams["decoding_overrides"],
-                    run_opts.device,
-                    lm_state=tuned_lm,
+            for reader in hparams["interface_readers"]:
+                reports[f"interface_{reader}"] = fe.interface_evaluation(
+                    asr,
+                    test_entries,
+                    reader,
+                    hparams["test_batch_size"],
+                    brain.ddp_eval_group,
+                    eval_dir,
+                    f"test_finetuned_interface_{reader}",
                 )
-                for reader in hparams["interface_readers"]:
-                    reports[f"interface_{reader}"] = fe.interface_evaluation(
-                        asr,
-                        test_entries,
-                        reader,
-                        hparams["test_batch_size"],
-                        brain.ddp_eval_group,
-                        eval_dir,
-                        f"test_finetuned_interface_{reader}",
-                    )
-        timings["finetuned_eval_s"] = time.time() - t
+    timings["finetuned_eval_s"] = time.time() - t
 
-        # 9. Checks: frozen ASR on every rank, LM moved, paths agree.
-        STAGE["now"] = "the final checks"
-        frozen_after = brain.frozen_digests()
-        per_rank = exchange(
-            {"rank": rank, "before": frozen_before, "after": frozen_after},
-            group=brain.ddp_eval_group,
-            what="frozen check",
-        )
-        results["frozen"] = {
-            "unchanged_on_every_rank": all(r["before"] == r["after"] for r in per_rank),
-            "ranks_agree": all(r["after"] == per_rank[0]["after"] for r in per_rank),
-            "per_rank": per_rank,
+    # 9. Checks: frozen ASR on every rank, LM moved, paths agree.
+    STAGE["now"] = "the final checks"
+    frozen_after = brain.frozen_digests()
+    per_rank = exchange(
+        {"rank": rank, "before": frozen_before, "after": frozen_after},
+        group=brain.ddp_eval_group,
+        what="frozen check",
+    )
+    results["frozen"] = {
+        "unchanged_on_every_rank": all(r["before"] == r["after"] for r in per_rank),
+        "ranks_agree": all(r["after"] == per_rank[0]["after"] for r in per_rank),
+        "per_rank": per_rank,
+    }
+    results["lm"] = {
+        "base_digest": base_digest,
+        "finetuned_digest": final_digests[0],
+        "changed": final_digests[0] != base_digest,
+        "max_abs_change": max(
+            float((tuned_lm[k].float() - base_lm[k].float()).abs().max()) for k in base_lm
+        ),
+    }
+    results["epochs"] = brain.epoch_records
+    if reports:
+        identical, differing = fe.compare_hypotheses(reports)
+        results["wer"].update({f"finetuned_{name}": r.wer for name, r in reports.items()})
+        results["paths"] = {
+            "identical_hypotheses": identical,
+            "differing_ids": differing,
+            "utterances": len(reports["brain"].stats.scores),
+            "jiwer_wer": {
+                name: fe.jiwer_wer(r.files["utterances"]) if main else None
+                for name, r in reports.items()
+            },
+            "files": {name: r.files for name, r in reports.items()},
+            "per_rank": {name: r.per_rank for name, r in reports.items()},
         }
-        results["lm"] = {
-            "base_digest": base_digest,
-            "finetuned_digest": final_digests[0],
-            "changed": final_digests[0] != base_digest,
-            "max_abs_change": max(
-                float((tuned_lm[k].float() - base_lm[k].float()).abs().max()) for k in base_lm
-            ),
-        }
-        results["epochs"] = brain.epoch_records
-        if reports:
-            identical, differing = fe.compare_hypotheses(reports)
-            results["wer"].update({f"finetuned_{name}": r.wer for name, r in reports.items()})
-            results["paths"] = {
-                "identical_hypotheses": identical,
-                "differing_ids": differing,
-                "utterances": len(reports["brain"].stats.scores),
-                "jiwer_wer": {
-                    name: fe.jiwer_wer(r.files["utterances"]) if main else None
-                    for name, r in reports.items()
-                },
-                "files": {name: r.files for name, r in reports.items()},
-                "per_rank": {name: r.per_rank for name, r in reports.items()},
-            }
-        results["timings"] = timings
-        if main:
-            fe.write_json(Path(hparams["output_folder"]) / "results.json", results)
-            print_summary(results)
-        problems = []
-        if not results["frozen"]["unchanged_on_every_rank"]:
-            problems.append("an ASR module changed during LM fine-tuning")
-        if not results["lm"]["changed"]:
-            problems.append("the LM did not change")
-        if reports and not results["paths"]["identical_hypotheses"]:
-            problems.append(
-                f"evaluation paths disagree on {results['paths']['differing_ids'][:10]}"
-            )
-        if problems:
-            raise RuntimeError("; ".join(problems))
-        return results
+    results["timings"] = timings
+    if main:
+        fe.write_json(Path(hparams["output_folder"]) / "results.json", results)
+        print_summary(results)
+    problems = []
+    if not results["frozen"]["unchanged_on_every_rank"]:
+        problems.append("an ASR module changed during LM fine-tuning")
+    if not results["lm"]["changed"]:
+        problems.append("the LM did not change")
+    if reports and not results["paths"]["identical_hypotheses"]:
+        problems.append(f"evaluation paths disagree on {results['paths']['differing_ids'][:10]}")
+    if problems:
+        raise RuntimeError("; ".join(problems))
+    return results
 
 
 def print_summary(results):
@@ -626,14 +611,10 @@ def main(argv=None):
             file=sys.stderr,
             flush=True,
         )
-    hparams_file, run_opts, overrides = sb.parse_arguments(argv)
+    hparams_file, run_opts, overrides = run_setup.parse_arguments(argv)
     run_opts = run_setup.setup_run(run_opts)
     rank = os.environ.get("RANK", "0")
     try:
-        import ruamel.yaml
-
-        # Round-trip: tags such as --build_profile='!include:...' stay tags.
-        overrides = ruamel.yaml.YAML(typ="rt").load(overrides or "") or {}
         run(hparams_file, run_opts, overrides)
     except run_setup.TrainingInterrupted as exc:
         print(f"rank {rank}: {exc}", file=sys.stderr, flush=True)
@@ -661,6 +642,7 @@ def main(argv=None):
 
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+        fetching.stop_serving()
     return 0
 
 

@@ -35,14 +35,12 @@ import sbtemplate  # noqa: F401 - first: sets the thread wait policy before torc
 
 import speechbrain as sb
 import torch
-from hyperpyyaml import load_hyperpyyaml
 from speechbrain.utils.distributed import run_on_main
 
 from sbtemplate import fetching, run_lock
 from sbtemplate.audio_check import AudioFormatError, check_audio_format
-from sbtemplate.config_checks import ConfigError, check_override_types
-from sbtemplate.paths import artifacts_root
-from sbtemplate.run_setup import EXIT_INPUT_ERROR
+from sbtemplate.config_checks import ConfigError
+from sbtemplate.run_setup import EXIT_INPUT_ERROR, load_hparams, parse_arguments
 from sbtemplate.slu import (
     fetched_sources,
     pad_token_ids,
@@ -254,16 +252,6 @@ def dataio_prepare(hparams, asr_tokenizer):
     return datasets, label_encoder
 
 
-def parse_recipe_arguments(argv):
-    """SpeechBrain's arguments; the overrides as a round-trip YAML mapping, so
-    that tags (``--build_profile='!include:...'``) stay tags. Returns the
-    hparams file, the run options and the overrides."""
-    import ruamel.yaml
-
-    hparams_file, run_opts, overrides = sb.parse_arguments(list(argv))
-    return hparams_file, run_opts, ruamel.yaml.YAML(typ="rt").load(overrides or "") or {}
-
-
 def main(argv=None):
     """Train the SLU decoder on reference transcripts, test it on the recognizer's output.
 
@@ -273,54 +261,49 @@ def main(argv=None):
     started = time.monotonic()
     # Denormal floats make small recurrent models many times slower on CPUs.
     torch.set_flush_denormal(True)
-    # 1. Arguments and hyperparameters. The YAML refers to the Hub endpoint
-    # and the URL base, so it is loaded once the servers run.
-    hparams_file, run_opts, overrides = parse_recipe_arguments(
-        sys.argv[1:] if argv is None else argv
-    )
+    # 1. Arguments and hyperparameters, loaded once. In loopback mode,
+    # loading starts the Hub and URL servers the sources point at.
+    hparams_file, run_opts, overrides = parse_arguments(sys.argv[1:] if argv is None else argv)
     try:
-        check_override_types(hparams_file, overrides)
+        hparams = load_hparams(hparams_file, overrides)
+        if hparams["num_threads"]:
+            torch.set_num_threads(hparams["num_threads"])
+        where = fetching.use_endpoints(hparams, cache_dir=hparams["fetch_cache"])
+        run_lock.hold_output_folder(hparams["output_folder"])
+        sb.create_experiment_directory(
+            experiment_directory=hparams["output_folder"],
+            hyperparams_to_save=hparams_file,
+            overrides=overrides,
+        )
+        logger.info("Fetching from %s", where)
+
+        # 2. Data preparation (semantics serialised as the decoder's target).
+        run_on_main(
+            prepare_slu_data,
+            kwargs={
+                "manifests_folder": hparams["manifests_folder"],
+                "save_folder": hparams["data_folder"],
+            },
+        )
+
+        # 3. Fetch: the recognizer from the Hub, LM and tokenizer from
+        # URLs, normalizer from a local folder.
+        del fetching.fetch_log[:]
+        asr = hparams["asr_model"](
+            run_opts={"device": run_opts.get("device", hparams["asr_device"])}
+        )
+        fetched = fetched_sources(fetching.fetch_log)
     except ConfigError as error:
         print(f"\nCANNOT RUN: {error}", file=sys.stderr)
         return EXIT_INPUT_ERROR
-    overrides.setdefault("artifacts", str(artifacts_root()))
-    cache = fetching.read_plain_keys(hparams_file, ["fetch_cache"], overrides)["fetch_cache"]
-    try:
-        with fetching.fetch_endpoints(hparams_file, overrides, cache_dir=cache) as endpoints:
-            with open(hparams_file) as fin:
-                hparams = load_hyperpyyaml(fin, endpoints.overrides)
-            if hparams["num_threads"]:
-                torch.set_num_threads(hparams["num_threads"])
-            run_lock.hold_output_folder(hparams["output_folder"])
-            sb.create_experiment_directory(
-                experiment_directory=hparams["output_folder"],
-                hyperparams_to_save=hparams_file,
-                overrides=endpoints.overrides,
-            )
-            logger.info("Fetching from %s", endpoints.describe())
-
-            # 2. Data preparation (semantics serialised as the decoder's target).
-            run_on_main(
-                prepare_slu_data,
-                kwargs={
-                    "manifests_folder": hparams["manifests_folder"],
-                    "save_folder": hparams["data_folder"],
-                },
-            )
-
-            # 3. Fetch: the recognizer from the Hub, LM and tokenizer from
-            # URLs, normalizer from a local folder.
-            del fetching.fetch_log[:]
-            asr = hparams["asr_model"](
-                run_opts={"device": run_opts.get("device", hparams["asr_device"])}
-            )
-            fetched = fetched_sources(fetching.fetch_log)
     except fetching.FetchError as error:
         print(f"\nFETCH FAILED: {error}", file=sys.stderr)
         return EXIT_INPUT_ERROR
     except (FileNotFoundError, run_lock.OutputFolderInUse) as error:  # not built (yet), or busy
         print(f"\nCANNOT RUN: {error}", file=sys.stderr)
         return EXIT_INPUT_ERROR
+    finally:
+        fetching.stop_serving()
     if asr.tokenizer.get_piece_size() > hparams["num_asr_tokens"]:
         raise ValueError(
             f"num_asr_tokens ({hparams['num_asr_tokens']}) is smaller than the recognizer's "

@@ -19,7 +19,6 @@ fails (one clear message).
         --build_profile='!include:sbtemplate/hparams/profiles/tiny.yaml'
 """
 
-import contextlib
 import json
 import logging
 import os
@@ -27,42 +26,10 @@ import sys
 from pathlib import Path
 
 # Configures the Hub endpoint before anything imports huggingface_hub.
-from sbtemplate import fetching, servers  # isort: skip
+from sbtemplate import fetching  # isort: skip
 
-import ruamel.yaml
-import speechbrain as sb
-from hyperpyyaml import load_hyperpyyaml
-
-from sbtemplate.paths import ProfilePaths, artifacts_root
-from sbtemplate.run_setup import EXIT_FAILED, EXIT_INPUT_ERROR
-
-
-def parse_args(argv):
-    """SpeechBrain's arguments, and the YAML loaded once with the overrides."""
-    hparams_file, run_opts, overrides = sb.parse_arguments(list(argv))
-    # Round-trip: tags such as --build_profile='!include:...' stay tags.
-    overrides = ruamel.yaml.YAML(typ="rt").load(overrides or "") or {}
-    overrides.setdefault("artifacts", str(artifacts_root()))  # SBTEMPLATE_ARTIFACTS
-    if overrides.get("fetch_endpoints", "loopback") not in fetching.ENDPOINT_MODES:
-        raise SystemExit(
-            f"--fetch_endpoints must be one of {fetching.ENDPOINT_MODES}, "
-            f"got {overrides['fetch_endpoints']!r}"
-        )
-    with open(hparams_file) as handle:
-        hparams = load_hyperpyyaml(handle, overrides)
-    return hparams, run_opts
-
-
-@contextlib.contextmanager
-def hub_for(hparams, paths):
-    """Yields the Hub endpoint, serving the profile's recognizer when loopback."""
-    if hparams["fetch_endpoints"] == "public":
-        yield hparams["public_hub_endpoint"].rstrip("/")
-        return
-    with servers.serve(paths.local_repo, hparams["repo_id"]) as served:
-        print(f"Serving {paths.local_repo} as {hparams['repo_id']} at {served.hub_endpoint}")
-        yield served.hub_endpoint
-
+from sbtemplate.config_checks import ConfigError
+from sbtemplate.run_setup import EXIT_FAILED, EXIT_INPUT_ERROR, load_hparams, parse_arguments
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3")
 
@@ -175,31 +142,36 @@ def main(argv=None):
     Exit status 0 when all is well, 1 when a check fails, 2 when the profile is not
     built or fetching fails.
     """
-    hparams, run_opts = parse_args(sys.argv[1:] if argv is None else argv)
-    verbose = bool(hparams["verbose"])
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING)
-    # SpeechBrain's loggers follow SB_LOG_LEVEL.
-    os.environ["SB_LOG_LEVEL"] = "INFO" if verbose else os.environ.get("SB_LOG_LEVEL", "WARNING")
-    for name in ("speechbrain", "httpx", "httpx2"):
-        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
-    paths = ProfilePaths.for_profile(hparams["profile"], root=hparams["artifacts"])
-    if hparams["fetch_endpoints"] == "loopback" and not paths.local_repo.is_dir():
-        print(
-            f"{paths.local_repo} does not exist: build the profile first "
-            f"(python -m sbtemplate.build --profile {paths.profile})",
-            file=sys.stderr,
-        )
-        return EXIT_INPUT_ERROR
-    cache = Path(hparams["cache_dir"])
+    hparams_file, run_opts, overrides = parse_arguments(sys.argv[1:] if argv is None else argv)
     try:
-        with hub_for(hparams, paths) as endpoint:
-            fetching.setup(
-                hub_endpoint=endpoint, cache_dir=cache, allow_network=not hparams["offline"]
+        # Loading starts the loopback servers (fetch_endpoints: loopback).
+        hparams = load_hparams(hparams_file, overrides)
+        verbose = bool(hparams["verbose"])
+        logging.basicConfig(level=logging.INFO if verbose else logging.WARNING)
+        # SpeechBrain's loggers follow SB_LOG_LEVEL.
+        os.environ["SB_LOG_LEVEL"] = (
+            "INFO" if verbose else os.environ.get("SB_LOG_LEVEL", "WARNING")
+        )
+        for name in ("speechbrain", "httpx", "httpx2"):
+            logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
+        if hparams["endpoints"]["mode"] == "loopback":
+            print(
+                f"Serving {hparams['local_repo']} as {hparams['repo_id']} at {hparams['hub_endpoint']}"
             )
-            problems = run_checks(hparams, run_opts["device"])
+        fetching.setup(
+            hub_endpoint=hparams["hub_endpoint"],
+            cache_dir=Path(hparams["cache_dir"]),
+            allow_network=not hparams["offline"],
+        )
+        problems = run_checks(hparams, run_opts["device"])
+    except (ConfigError, FileNotFoundError) as error:
+        print(f"CANNOT RUN: {error}", file=sys.stderr)
+        return EXIT_INPUT_ERROR
     except fetching.FetchError as error:
         print(f"\nFETCH FAILED: {error}", file=sys.stderr)
         return EXIT_INPUT_ERROR
+    finally:
+        fetching.stop_serving()
     if problems:
         print("\nFAILED: " + "; ".join(problems), file=sys.stderr)
         return EXIT_FAILED

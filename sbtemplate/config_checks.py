@@ -13,17 +13,22 @@ class ConfigError(ValueError):
     """A recipe's YAML file or one of its overrides is wrong."""
 
 
-def check_yaml_file(path):
-    """Parse ``path``; a syntax error names the file, line and column."""
-    import ruamel.yaml
-
+def read_yaml_file(path):
+    """The text of ``path``; a file that cannot be read is named."""
     path = Path(path)
     try:
-        text = path.read_text()
+        return path.read_text()
     except OSError as error:
         raise ConfigError(
             f"cannot read the hyperparameters file {path}: {error.strerror or error}"
         ) from None
+
+
+def check_yaml_text(path, text):
+    """Parse ``text`` (the contents of ``path``) as plain YAML, nothing
+    resolved; a syntax error names the file, line and column."""
+    import ruamel.yaml
+
     try:
         return ruamel.yaml.YAML(typ="rt").load(text) or {}
     except ruamel.yaml.YAMLError as error:
@@ -33,10 +38,10 @@ def check_yaml_file(path):
         raise ConfigError(f"{path}: YAML syntax error{where}: {problem}") from None
 
 
-def check_override_types(path, overrides):
-    """Each override of a key whose value in ``path`` is a plain boolean or
-    number must be one too (an integer for an integer), or null."""
-    document = check_yaml_file(path)
+def check_override_types(path, overrides, document):
+    """Each override of a key whose value in ``document`` (the file ``path``,
+    parsed by :func:`check_yaml_text`) is a plain boolean or number must be
+    one too (an integer for an integer), or null."""
     for key, value in (overrides or {}).items():
         if key not in document:
             continue  # HyperPyYAML itself reports keys the file lacks

@@ -71,3 +71,11 @@ class ProfilePaths:
     def build_report(self):
         """JSON with the base recognizer's WERs, written at the end of a build."""
         return self.root / "build_report.json"
+
+
+def artifacts_folder():
+    """:func:`artifacts_root` as text, for the recipes' YAML.
+
+    ``artifacts: !applyref:sbtemplate.paths.artifacts_folder []``
+    """
+    return str(artifacts_root())

@@ -167,27 +167,34 @@ def is_collective_timeout(error):
     )
 
 
-def shared_endpoints(endpoints, cache_dir):
-    """The YAML overrides of :func:`sbtemplate.fetching.fetch_endpoints`, rank 0's on every rank.
+def parse_arguments(argv):
+    """``sb.parse_arguments``, with the overrides as a round-trip YAML mapping
+    (tags such as ``--build_profile='!include:...'`` stay tags)."""
+    import ruamel.yaml
+    import speechbrain as sb
 
-    In loopback mode each process serves the model on its own port; the URL
-    cache is keyed by the base URL, so the ranks that wait for rank 0's
-    download must look under rank 0's URLs (they never connect to them).
+    hparams_file, run_opts, overrides = sb.parse_arguments(list(argv))
+    return hparams_file, run_opts, ruamel.yaml.YAML(typ="rt").load(overrides or "") or {}
+
+
+def load_hparams(hparams_file, overrides):
+    """The recipe's YAML with the overrides, loaded once.
+
+    The file is read once; a syntax error or an override of the wrong type
+    (``--number_of_epochs=abc``) is named with the file and the key before
+    HyperPyYAML builds anything.
     """
-    import torch.distributed as dist
+    import io
 
-    from sbtemplate import fetching
+    from hyperpyyaml import load_hyperpyyaml
 
-    overrides = dict(endpoints.overrides)
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return overrides
-    box = [(endpoints.hub_endpoint, endpoints.url_base)] if dist.get_rank() == 0 else [None]
-    dist.broadcast_object_list(box, src=0)
-    hub, url_base = box[0]
-    if (hub, url_base) != (endpoints.hub_endpoint, endpoints.url_base):
-        fetching.setup(hub_endpoint=hub, cache_dir=cache_dir)
-    overrides.update(hub_endpoint=hub, url_base=url_base)
-    return overrides
+    from sbtemplate.config_checks import check_override_types, check_yaml_text, read_yaml_file
+
+    text = read_yaml_file(hparams_file)
+    check_override_types(hparams_file, overrides, check_yaml_text(hparams_file, text))
+    stream = io.StringIO(text)
+    stream.name = str(hparams_file)  # !include: paths are relative to the file
+    return load_hyperpyyaml(stream, overrides)
 
 
 def setup_run(run_opts):

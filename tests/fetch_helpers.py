@@ -109,12 +109,14 @@ def tiny_paths(request):
 
 @pytest.fixture
 def restored_fetching():
-    """Scripts and fetch_endpoints() configure the process; put it all back afterwards."""
+    """Scripts and recipe files configure the process (Hub endpoint, policy,
+    fetch hook, loopback servers); put it all back afterwards."""
     with fetching.hub_endpoint(fetching.current_hub_endpoint()), fetching.policy():
         try:
             yield
         finally:
             fetching.uninstall()
+            fetching.stop_serving()
 
 
 @contextmanager

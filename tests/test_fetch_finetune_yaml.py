@@ -80,69 +80,91 @@ def artifacts(tmp_path, fake_repo):
     return paths
 
 
-def test_plain_keys_are_read_without_importing_anything():
-    keys = fetching.read_plain_keys(
-        FINETUNE,
-        ("fetch_endpoints", "profile", "local_repo", "hub_repo_id"),
-        include_override("tiny"),
+def test_loading_serves_the_folder_once_per_process(artifacts, restored_fetching):
+    """The endpoints block starts the loopback servers while the file loads;
+    resolving the file again (create_experiment_directory does) reuses them."""
+    from hyperpyyaml import load_hyperpyyaml
+
+    overrides = tiny(artifacts=str(artifacts.root.parent))
+    first = load_hyperpyyaml(sources_and_pretrainers(), overrides)
+    second = load_hyperpyyaml(sources_and_pretrainers(), overrides)
+    assert first["endpoints"]["mode"] == "loopback"
+    assert first["hub_endpoint"].startswith("http://127.0.0.1:")
+    assert (first["hub_endpoint"], first["url_base"]) == (
+        second["hub_endpoint"],
+        second["url_base"],
     )
-    assert keys["fetch_endpoints"] == "loopback"
-    assert keys["local_repo"] == f"artifacts/tiny/{REPO_ID}"
-    assert keys["hub_repo_id"] == REPO_ID
+    served = fetching.loopback_servers(first["local_repo"], REPO_ID)
+    assert (served.hub_endpoint, served.url_base) == (first["hub_endpoint"], first["url_base"])
+    fetching.stop_serving()
+    third = load_hyperpyyaml(sources_and_pretrainers(), overrides)
+    assert third["hub_endpoint"] != first["hub_endpoint"]  # the old servers are gone
 
 
 def test_three_sources_through_pretrainers(artifacts, fake_repo, tmp_path, restored_fetching):
     from hyperpyyaml import load_hyperpyyaml
 
     overrides = tiny(artifacts=str(artifacts.root.parent))
-    with fetching.fetch_endpoints(FINETUNE, overrides, cache_dir=tmp_path / "cache") as ep:
-        assert ep.mode == "loopback" and ep.hub_endpoint.startswith("http://127.0.0.1:")
-        hparams = load_hyperpyyaml(sources_and_pretrainers(), ep.overrides)
-        from speechbrain.utils.fetching import FetchFrom
+    hparams = load_hyperpyyaml(sources_and_pretrainers(), overrides)
+    fetching.use_endpoints(hparams, cache_dir=tmp_path / "cache")
+    served = fetching.loopback_servers(hparams["local_repo"], REPO_ID)
+    from speechbrain.utils.fetching import FetchFrom
 
-        assert hparams["asr_source"].FetchFrom is FetchFrom.LOCAL
-        assert hparams["lm_source"].FetchFrom is FetchFrom.HUGGING_FACE
-        assert hparams["tokenizer_source"].FetchFrom is FetchFrom.URI
-        assert Path(hparams["asr_source"].path).parent == artifacts.local_repo
+    assert hparams["asr_source"].FetchFrom is FetchFrom.LOCAL
+    assert hparams["lm_source"].FetchFrom is FetchFrom.HUGGING_FACE
+    assert hparams["tokenizer_source"].FetchFrom is FetchFrom.URI
+    assert Path(hparams["asr_source"].path).parent == artifacts.local_repo
 
-        del fetching.fetch_log[:]
-        collected = fetching.collect_pretrained(hparams, load=False)
-        kinds = {r.filename: (r.kind, r.status) for r in fetching.fetch_log}
-        assert kinds == {
-            "asr.ckpt": ("local", "local"),
-            "normalizer.ckpt": ("local", "local"),
-            "lm.ckpt": ("huggingface", "downloaded"),
-            "tokenizer.ckpt": ("url", "downloaded"),
-        }
-        assert len(ep.served.hub.gets("/lm.ckpt")) == 1
-        assert len(ep.served.urls.gets("/tokenizer.ckpt")) == 1
-        folder = Path(hparams["pretrained_folder"])
-        for name in ("asr", "normalizer", "lm", "tokenizer"):
-            assert file_bytes(folder / f"{name}.ckpt") == (fake_repo / f"{name}.ckpt").read_bytes()
-        assert set(collected) == {"pretrainer_asr", "pretrainer_lm", "pretrainer_tokenizer"}
+    del fetching.fetch_log[:]
+    collected = fetching.collect_pretrained(hparams, load=False)
+    kinds = {r.filename: (r.kind, r.status) for r in fetching.fetch_log}
+    assert kinds == {
+        "asr.ckpt": ("local", "local"),
+        "normalizer.ckpt": ("local", "local"),
+        "lm.ckpt": ("huggingface", "downloaded"),
+        "tokenizer.ckpt": ("url", "downloaded"),
+    }
+    assert len(served.hub.gets("/lm.ckpt")) == 1
+    assert len(served.urls.gets("/tokenizer.ckpt")) == 1
+    folder = Path(hparams["pretrained_folder"])
+    for name in ("asr", "normalizer", "lm", "tokenizer"):
+        assert file_bytes(folder / f"{name}.ckpt") == (fake_repo / f"{name}.ckpt").read_bytes()
+    assert set(collected) == {"pretrainer_asr", "pretrainer_lm", "pretrainer_tokenizer"}
 
-        # The fetch-everything-once variant finds it all in place.
-        ep.served.hub.clear_log()
-        ep.served.urls.clear_log()
-        hparams["pretrainer_all"].collect_files()
-        assert ep.served.hub.gets() == []
-        # only the URL source's manifest is re-read (a URL has no revision)
-        assert [r.path.rsplit("/", 1)[-1] for r in ep.served.urls.requests] == ["manifest.json"]
+    # The fetch-everything-once variant finds it all in place.
+    served.hub.clear_log()
+    served.urls.clear_log()
+    hparams["pretrainer_all"].collect_files()
+    assert served.hub.gets() == []
+    # only the URL source's manifest is re-read (a URL has no revision)
+    assert [r.path.rsplit("/", 1)[-1] for r in served.urls.requests] == ["manifest.json"]
 
 
 def test_public_mode_is_one_setting(tmp_path, restored_fetching):
-    overrides = tiny(fetch_endpoints="public")
-    with fetching.fetch_endpoints(FINETUNE, overrides, cache_dir=tmp_path / "cache") as ep:
-        assert ep.hub_endpoint == "https://huggingface.co"
-        assert ep.url_base == f"https://huggingface.co/{REPO_ID}/resolve/main"
-        assert fetching.current_hub_endpoint() == "https://huggingface.co"
-        assert ep.served is None
+    from hyperpyyaml import load_hyperpyyaml
+
+    hparams = load_hyperpyyaml(sources_and_pretrainers(), tiny(fetch_endpoints="public"))
+    fetching.use_endpoints(hparams, cache_dir=tmp_path / "cache")
+    assert hparams["hub_endpoint"] == "https://huggingface.co"
+    assert hparams["url_base"] == f"https://huggingface.co/{REPO_ID}/resolve/main"
+    assert fetching.current_hub_endpoint() == "https://huggingface.co"
+    assert not fetching.recipe._serving  # nothing served on loopback
 
 
 def test_unknown_endpoint_mode_is_refused(restored_fetching):
-    with pytest.raises(ValueError, match="fetch_endpoints must be one of"):
-        with fetching.fetch_endpoints(FINETUNE, {"fetch_endpoints": "moon"}):
-            pass
+    from hyperpyyaml import load_hyperpyyaml
+
+    from sbtemplate.config_checks import ConfigError
+
+    with pytest.raises(ConfigError, match="fetch_endpoints must be one of"):
+        load_hyperpyyaml(sources_and_pretrainers(), tiny(fetch_endpoints="moon"))
+
+
+def test_an_unbuilt_profile_is_named_while_loading(tmp_path, restored_fetching):
+    from hyperpyyaml import load_hyperpyyaml
+
+    with pytest.raises(FileNotFoundError, match="Nothing to serve: .*tiny"):
+        load_hyperpyyaml(sources_and_pretrainers(), tiny(artifacts=str(tmp_path)))
 
 
 def test_finetune_pretrainers_load_the_tiny_build(tiny_paths, tmp_path, restored_fetching):
@@ -162,10 +184,10 @@ def test_finetune_pretrainers_load_the_tiny_build(tiny_paths, tmp_path, restored
         + section("pretrainers")
         + "padding_invariant: True\nmax_decode_ratio: 1.0\n"
     )
-    with fetching.fetch_endpoints(FINETUNE, overrides, cache_dir=tmp_path / "cache") as ep:
-        hparams = load_hyperpyyaml(as_finetune_yaml(text), ep.overrides)
-        del fetching.fetch_log[:]
-        fetching.collect_pretrained(hparams, load=True)
+    hparams = load_hyperpyyaml(as_finetune_yaml(text), overrides)
+    fetching.use_endpoints(hparams, cache_dir=tmp_path / "cache")
+    del fetching.fetch_log[:]
+    fetching.collect_pretrained(hparams, load=True)
     kinds = {r.filename: r.kind for r in fetching.fetch_log}
     assert kinds == {
         "asr.ckpt": "local",
@@ -183,15 +205,11 @@ def test_a_users_own_url_base_and_hub_endpoint_are_used(artifacts, tmp_path, res
         url_base="http://files.example/models",
         hub_endpoint="http://hub.example",
     )
-    with fetching.fetch_endpoints(FINETUNE, overrides, cache_dir=tmp_path / "cache") as ep:
-        assert ep.url_base == "http://files.example/models"
-        assert ep.hub_endpoint == "http://hub.example"
-        assert fetching.current_hub_endpoint() == "http://hub.example"
-        hparams = load_hyperpyyaml_sources(ep.overrides)
-        assert hparams["tokenizer_source"].path == "http://files.example/models/tokenizer.ckpt"
-
-
-def load_hyperpyyaml_sources(overrides):
     from hyperpyyaml import load_hyperpyyaml
 
-    return load_hyperpyyaml(sources_and_pretrainers(), overrides)
+    hparams = load_hyperpyyaml(sources_and_pretrainers(), overrides)
+    fetching.use_endpoints(hparams, cache_dir=tmp_path / "cache")
+    assert hparams["url_base"] == "http://files.example/models"
+    assert hparams["hub_endpoint"] == "http://hub.example"
+    assert fetching.current_hub_endpoint() == "http://hub.example"
+    assert hparams["tokenizer_source"].path == "http://files.example/models/tokenizer.ckpt"

@@ -32,9 +32,8 @@ def load_recipe(path, profile, tmp_path):
     """The recipe file with the profile selected as a user selects it (the
     default: nothing), its generated paths under ``tmp_path``."""
     overrides = "" if profile == "full" else include_override(profile) + "\n"
-    overrides += (
-        f"artifacts: {tmp_path}\nhub_endpoint: http://127.0.0.1:9\nurl_base: http://127.0.0.1:9\n"
-    )
+    # public endpoints: nothing is served (the profile need not be built)
+    overrides += f"artifacts: {tmp_path}\nfetch_endpoints: public\n"
     with open(path) as handle:
         return load_hyperpyyaml(handle, overrides)
 
@@ -117,3 +116,49 @@ def test_profiles_list_every_recognizer_value():
     keys = {name: set(block) for name, block in blocks.items()}
     assert len({frozenset(k) for k in keys.values()}) == 1, keys
     assert all(value is not None for block in blocks.values() for value in block.values())
+
+
+def test_a_recipe_file_is_read_and_resolved_once(monkeypatch, tmp_path):
+    """run_setup.load_hparams, the scripts' one loader: one read of the file,
+    one HyperPyYAML resolution of it (its !include:s are resolved on their own)."""
+    import hyperpyyaml.core
+
+    from sbtemplate import config_checks, run_setup
+
+    reads, resolved = [], []
+    read, resolve = config_checks.read_yaml_file, hyperpyyaml.core.resolve_references
+
+    def counting_read(path):
+        reads.append(Path(path))
+        return read(path)
+
+    def counting_resolve(stream, *args, **kwargs):
+        resolved.append(getattr(stream, "name", None))
+        return resolve(stream, *args, **kwargs)
+
+    monkeypatch.setattr(config_checks, "read_yaml_file", counting_read)
+    monkeypatch.setattr(hyperpyyaml.core, "resolve_references", counting_resolve)
+    overrides = {"artifacts": str(tmp_path), "fetch_endpoints": "public"}
+    hparams = run_setup.load_hparams(FINETUNE, overrides)
+    assert hparams["url_base"].startswith("https://huggingface.co/")
+    assert reads == [FINETUNE]
+    assert resolved.count(str(FINETUNE)) == 1, resolved
+
+
+@pytest.mark.parametrize(
+    "script", ["finetune.py", "multisource_mini_recipe.py", "single_node_pretrained.py"]
+)
+def test_each_script_loads_its_yaml_in_one_place(script):
+    """No script reads its YAML another way (plain-key pre-reads, a second
+    load): the file is loaded once per process, by run_setup.load_hparams."""
+    import ast
+
+    nodes = [n for n in ast.walk(ast.parse((ROOT / script).read_text())) if isinstance(n, ast.Call)]
+    calls = [
+        n.func.id if isinstance(n.func, ast.Name) else getattr(n.func, "attr", None) for n in nodes
+    ]
+    assert calls.count("load_hparams") == 1
+    for other in ("load_hyperpyyaml", "resolve_references", "read_plain_keys"):
+        assert other not in calls, f"{script} calls {other}"
+    opened = [ast.unparse(n.args[0]) for n, name in zip(nodes, calls) if name == "open" and n.args]
+    assert "hparams_file" not in opened

@@ -288,13 +288,6 @@ def collect(path, scope=(), kind="recipe"):
                     and isinstance(node.args[1], ast.Constant)
                 ):
                     reads.optional.add(node.args[1].value)
-                elif name == "read_plain_keys" and len(node.args) >= 2 and kind == "recipe":
-                    # sbtemplate.fetching reads these top-level keys before loading.
-                    keys = resolver.collection_keys(node.args[1])
-                    if keys is None:
-                        reads.unresolved.append(f"{where}: {ast.unparse(node)}")
-                    for key in keys or ():
-                        reads.required[(key,)] = where
                 if kind == "recipe" and any(
                     isinstance(a, ast.Name) and a.id == "hparams"
                     for a in node.args + [k.value for k in node.keywords]
@@ -527,7 +520,7 @@ PAIRS = {
             Source("sbtemplate/run_setup.py"),
             Source("sbtemplate/ddp_dynamic_batching.py"),
             Source("sbtemplate/finetune_eval.py"),
-            Source("sbtemplate/fetching/recipe.py", ("fetch_endpoints", "collect_pretrained")),
+            Source("sbtemplate/fetching/recipe.py", ("use_endpoints", "collect_pretrained")),
             Source("sbtemplate/frozen.py"),
             *DISTRIBUTED,
         ),
@@ -540,7 +533,7 @@ PAIRS = {
         "multisource_mini_recipe.yaml",
         (
             Source("multisource_mini_recipe.py"),
-            Source("sbtemplate/fetching/recipe.py", ("fetch_endpoints",)),
+            Source("sbtemplate/fetching/recipe.py", ("use_endpoints",)),
         ),
     ),
     "base_asr": Pair(

@@ -35,12 +35,12 @@ One concept per module; this package re-exports the public API:
 * ``coordination``: :func:`fetch`, one downloader under DDP;
 * ``request``, ``backends``, ``probes``, ``verification``: one fetch, by kind
   of source, with reachability probes and manifest checks;
-* ``recipe``: configurations that declare sources (:func:`fetch_endpoints`,
-  :func:`collect_pretrained`).
+* ``recipe``: configurations that declare sources (:func:`resolve_endpoints`,
+  :func:`use_endpoints`, :func:`collect_pretrained`).
 
 Module state lives in one module each (``endpoint._state``,
 ``fetch_policy._policy``, ``records.fetch_log``, ``hook._sb``,
-``verification._verified``): patch it there, not here.
+``verification._verified``, ``recipe._serving``): patch it there, not here.
 
 Typical use (see single_node_pretrained.py)::
 
@@ -69,10 +69,11 @@ from sbtemplate.fetching.hook import install, installed, setup, uninstall
 from sbtemplate.fetching.recipe import (
     ENDPOINT_MODES,
     PRETRAINER_KEYS,
-    Endpoints,
     collect_pretrained,
-    fetch_endpoints,
-    read_plain_keys,
+    loopback_servers,
+    resolve_endpoints,
+    stop_serving,
+    use_endpoints,
 )
 from sbtemplate.fetching.records import FetchRecord, fetch_log
 
@@ -99,9 +100,10 @@ __all__ = [
     "installed",
     "setup",
     "ENDPOINT_MODES",
-    "Endpoints",
-    "read_plain_keys",
-    "fetch_endpoints",
+    "resolve_endpoints",
+    "loopback_servers",
+    "stop_serving",
+    "use_endpoints",
     "PRETRAINER_KEYS",
     "collect_pretrained",
 ]

@@ -1,122 +1,92 @@
 """Configurations that declare their sources (finetune.yaml and the like).
 
-A recipe's HyperPyYAML file names its Hub repo, its URL base and whether
-they are served by the loopback servers or the public endpoints
-(``fetch_endpoints: loopback`` or ``public``). :func:`read_plain_keys` reads
-such keys without building anything (so before the Hub endpoint is set),
-:func:`fetch_endpoints` resolves the endpoints, starts the servers if needed
-and sets fetching up, and :func:`collect_pretrained` collects the
-configuration's Pretrainers on every DDP rank.
+A recipe's HyperPyYAML file names its Hub repo and whether it is reached
+through loopback servers or the public endpoints, in one block that
+HyperPyYAML resolves while it loads the file::
+
+    endpoints: !applyref:sbtemplate.fetching.resolve_endpoints
+        mode: !ref <fetch_endpoints>          # loopback | public
+        local_repo: !ref <local_repo>
+        hub_repo_id: !ref <hub_repo_id>
+        public_hub_endpoint: !ref <public_hub_endpoint>
+    hub_endpoint: !ref <endpoints[hub_endpoint]>
+    url_base: !ref <endpoints[url_base]>
+
+:func:`resolve_endpoints` starts the loopback servers (once per process and
+folder; :func:`stop_serving` stops them) and returns the Hub endpoint and URL
+base the sources are written with. :func:`use_endpoints` points the Hub
+client at the loaded file's ``hub_endpoint`` and installs the fetch hook;
+:func:`collect_pretrained` collects the configuration's Pretrainers on every
+DDP rank.
+
+Module state: ``_serving``, the loopback servers this process runs.
 """
 
-import dataclasses
-from contextlib import contextmanager
+import atexit
+import contextlib
+from pathlib import Path
 
 from sbtemplate.fetching.hook import installed, setup
 
 ENDPOINT_MODES = ("loopback", "public")
 
-
-@dataclasses.dataclass
-class Endpoints:
-    """Where a configuration's Hub and URL sources point, once resolved."""
-
-    mode: str
-    hub_endpoint: str
-    url_base: str
-    overrides: dict
-    served: object = None  # sbtemplate.servers.Served in loopback mode
-
-    def describe(self):
-        """One line for the logs: loopback servers or public endpoints, the Hub and the URL base."""
-        where = "loopback servers" if self.mode == "loopback" else "public endpoints"
-        return f"{where}: Hub {self.hub_endpoint}, URLs {self.url_base}/<file>"
+_serving = {}  # (folder, repo id) -> (ExitStack, sbtemplate.servers.Served)
 
 
-def _plain_overrides(overrides):
-    """Overrides as a mapping. YAML text is read round-trip, so that tags such
-    as ``build_profile: !include:...`` stay tags for HyperPyYAML."""
-    if overrides is None or overrides == "":
-        return {}
-    if isinstance(overrides, dict):
-        return dict(overrides)
-    import ruamel.yaml
+def resolve_endpoints(mode, local_repo, hub_repo_id, public_hub_endpoint):
+    """The Hub endpoint and URL base of ``mode``, as a mapping for the YAML.
 
-    return dict(ruamel.yaml.YAML(typ="rt").load(overrides) or {})
-
-
-def read_plain_keys(hparams_file, keys, overrides=None):
-    """Top-level values of a HyperPyYAML file, without building anything.
-
-    HyperPyYAML resolves the file as it will when it loads it (overrides,
-    ``!include:``, ``!ref``), but no object is made and nothing is imported,
-    so this can run before the Hub endpoint is configured.
+    ``loopback`` serves ``local_repo`` as Hub repo ``hub_repo_id`` on
+    127.0.0.1 (started on the first call for that folder, reused after, so a
+    file that is resolved again gets the same addresses); ``public`` is
+    ``public_hub_endpoint`` and its ``resolve/main`` URLs.
     """
-    import ruamel.yaml
-    from hyperpyyaml import resolve_references
+    from sbtemplate.config_checks import ConfigError
 
-    with open(hparams_file) as handle:
-        text = resolve_references(handle, _plain_overrides(overrides)).getvalue()
-    document = ruamel.yaml.YAML(typ="rt").load(text) or {}
-    missing = [key for key in keys if key not in document]
-    if missing:
-        raise KeyError(f"{', '.join(map(repr, missing))}: not a top-level key of {hparams_file}")
-    return {key: document[key] for key in keys}
-
-
-@contextmanager
-def fetch_endpoints(hparams_file, overrides=None, *, cache_dir=None):
-    """Resolve the endpoints of a configuration with ``fetch_endpoints``.
-
-    ``loopback`` starts the Hub and URL servers over the profile's folder
-    named like the repo id; ``public`` uses ``public_hub_endpoint``. In both
-    cases the Hub client is pointed at the endpoint, the fetch hook is
-    installed, and the yielded :class:`Endpoints` carries the overrides
-    (``hub_endpoint``, ``url_base``, ``artifacts``) to load the file with.
-    The servers stop on exit.
-    """
-    from sbtemplate import servers
-    from sbtemplate.paths import ProfilePaths, artifacts_root
-
-    given = _plain_overrides(overrides)
-    given.setdefault("artifacts", str(artifacts_root()))
-    keys = read_plain_keys(
-        hparams_file,
-        (
-            "fetch_endpoints",
-            "profile",
-            "artifacts",
-            "repo_id",
-            "hub_repo_id",
-            "public_hub_endpoint",
-            "hub_endpoint",
-            "url_base",
-        ),
-        given,
-    )
-    # A user's own endpoint or URL base is used as it is.
-    own = {key: str(keys[key]).rstrip("/") for key in ("hub_endpoint", "url_base") if keys[key]}
-    mode = str(keys["fetch_endpoints"])
+    mode = str(mode)
     if mode not in ENDPOINT_MODES:
-        raise ValueError(f"fetch_endpoints must be one of {ENDPOINT_MODES}, got {mode!r}")
-    hub_repo_id = str(keys["hub_repo_id"])
+        raise ConfigError(f"fetch_endpoints must be one of {ENDPOINT_MODES}, got {mode!r}")
+    hub_repo_id = str(hub_repo_id)
     if mode == "public":
-        hub = str(keys["public_hub_endpoint"]).rstrip("/")
-        given.update({"hub_endpoint": hub, "url_base": f"{hub}/{hub_repo_id}/resolve/main", **own})
-        setup(hub_endpoint=given["hub_endpoint"], cache_dir=cache_dir)
-        yield Endpoints(mode, given["hub_endpoint"], given["url_base"], given)
-        return
-    paths = ProfilePaths.for_profile(str(keys["profile"]), root=keys["artifacts"])
-    folder = paths.local_repo
+        hub = str(public_hub_endpoint).rstrip("/")
+        return {"mode": mode, "hub_endpoint": hub, "url_base": f"{hub}/{hub_repo_id}/resolve/main"}
+    served = loopback_servers(local_repo, hub_repo_id)
+    return {"mode": mode, "hub_endpoint": served.hub_endpoint, "url_base": served.url_base}
+
+
+def loopback_servers(local_repo, hub_repo_id):
+    """The running loopback servers of ``local_repo`` (started if need be)."""
+    from sbtemplate import servers
+
+    folder = Path(local_repo)
     if not folder.is_dir():
         raise FileNotFoundError(
-            f"Nothing to serve: {folder} does not exist (build the '{paths.profile}' profile "
-            f"with python -m sbtemplate.build --profile {paths.profile})"
+            f"Nothing to serve: {folder} does not exist (build the profile first: "
+            f"python -m sbtemplate.build --profile <name>; or set fetch_endpoints: public)"
         )
-    with servers.serve(folder, hub_repo_id) as served:
-        given.update({"hub_endpoint": served.hub_endpoint, "url_base": served.url_base, **own})
-        setup(hub_endpoint=given["hub_endpoint"], cache_dir=cache_dir)
-        yield Endpoints(mode, given["hub_endpoint"], given["url_base"], given, served)
+    key = (str(folder.resolve()), str(hub_repo_id))
+    if key not in _serving:
+        if not _serving:
+            atexit.register(stop_serving)
+        stack = contextlib.ExitStack()
+        _serving[key] = (stack, stack.enter_context(servers.serve(folder, str(hub_repo_id))))
+    return _serving[key][1]
+
+
+def stop_serving():
+    """Stop every loopback server :func:`resolve_endpoints` started."""
+    while _serving:
+        _key, (stack, _served) = _serving.popitem()
+        stack.close()
+
+
+def use_endpoints(hparams, cache_dir):
+    """Point the Hub client at the loaded file's ``hub_endpoint`` and install
+    the fetch hook (cache under ``cache_dir``). Returns one line for the logs."""
+    setup(hub_endpoint=hparams["hub_endpoint"], cache_dir=cache_dir)
+    mode = hparams["endpoints"]["mode"]
+    where = "loopback servers" if mode == "loopback" else "public endpoints"
+    return f"{where}: Hub {hparams['hub_endpoint']}, URLs {hparams['url_base']}/<file>"
 
 
 PRETRAINER_KEYS = ("pretrainer_asr", "pretrainer_lm", "pretrainer_tokenizer")
@@ -129,7 +99,7 @@ def collect_pretrained(hparams, keys=PRETRAINER_KEYS, load=True):
     errors everywhere). Returns {pretrainer key: {loadable: local path}}.
     """
     if not installed():
-        raise RuntimeError("call sbtemplate.fetching.setup() (or fetch_endpoints()) first")
+        raise RuntimeError("call sbtemplate.fetching.setup() (or use_endpoints()) first")
     collected = {}
     for key in keys:
         pretrainer = hparams[key]
