@@ -617,7 +617,7 @@ def main(argv=None):
     try:
         run(hparams_file, run_opts, overrides)
     except run_setup.TrainingInterrupted as exc:
-        print(f"rank {rank}: {exc}", file=sys.stderr, flush=True)
+        run_setup.report(f"rank {rank}: {exc}")
         run_setup.failure_barrier()
         return run_setup.EXIT_INTERRUPTED
     except Exception as exc:  # noqa: BLE001 - every rank says why, then exits non-zero
@@ -625,14 +625,12 @@ def main(argv=None):
             # A rank stalled or died: find which before saying so.
             missing = [r for r in run_setup.failure_barrier() if r >= 0]
             who = f"rank {', '.join(map(str, missing))}" if missing else "another rank"
-            print(
+            run_setup.report(
                 f"rank {rank}: ERROR: {who} stopped answering during {STAGE['now']}: a collective "
-                f"waited past collective_timeout_s ({type(exc).__name__}: {exc})",
-                file=sys.stderr,
-                flush=True,
+                f"waited past collective_timeout_s ({type(exc).__name__}: {exc})"
             )
             return run_setup.EXIT_FAILED
-        print(f"rank {rank}: ERROR: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        run_setup.report(f"rank {rank}: ERROR: {type(exc).__name__}: {exc}")
         if not isinstance(exc, run_setup.INPUT_ERRORS):
             traceback.print_exc()  # not an input error: where it happened matters
         run_setup.failure_barrier()

@@ -45,6 +45,24 @@ def _input_errors():
 INPUT_ERRORS = _input_errors()
 
 
+def report(line):
+    """Write ``line`` to stderr in one system call.
+
+    Every rank of a torchrun job writes to the same stderr; ``print`` writes
+    the text and its newline separately, so two ranks failing at once can
+    run their lines together.
+    """
+    import sys
+
+    data = (line.rstrip("\n") + "\n").encode()
+    sys.stderr.flush()
+    try:
+        os.write(sys.stderr.fileno(), data)
+    except (AttributeError, OSError, ValueError):  # a stderr without a file descriptor
+        sys.stderr.write(data.decode())
+        sys.stderr.flush()
+
+
 def exit_status(error):
     """The exit status for ``error``: 2 for an input error, else 1."""
     return EXIT_INPUT_ERROR if isinstance(error, INPUT_ERRORS) else EXIT_FAILED
