@@ -618,12 +618,12 @@ def main(argv=None):
         run(hparams_file, run_opts, overrides)
     except run_setup.TrainingInterrupted as exc:
         run_setup.report(f"rank {rank}: {exc}")
-        run_setup.failure_barrier()
+        run_setup.failure_barrier(run_opts)
         return run_setup.EXIT_INTERRUPTED
     except Exception as exc:  # noqa: BLE001 - every rank says why, then exits non-zero
         if run_setup.is_collective_timeout(exc):
             # A rank stalled or died: find which before saying so.
-            missing = [r for r in run_setup.failure_barrier() if r >= 0]
+            missing = [r for r in run_setup.failure_barrier(run_opts) if r >= 0]
             who = f"rank {', '.join(map(str, missing))}" if missing else "another rank"
             run_setup.report(
                 f"rank {rank}: ERROR: {who} stopped answering during {STAGE['now']}: a collective "
@@ -633,7 +633,7 @@ def main(argv=None):
         run_setup.report(f"rank {rank}: ERROR: {type(exc).__name__}: {exc}")
         if not isinstance(exc, run_setup.INPUT_ERRORS):
             traceback.print_exc()  # not an input error: where it happened matters
-        run_setup.failure_barrier()
+        run_setup.failure_barrier(run_opts)
         return run_setup.exit_status(exc)
     finally:
         import torch.distributed as dist

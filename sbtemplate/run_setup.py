@@ -150,7 +150,7 @@ FAILURE_BARRIER_S = 20.0
 _failure = {"group": None}
 
 
-def failure_barrier():
+def failure_barrier(run_opts=None):
     """Let every rank that fails at the same point report before any exits.
 
     torchrun stops all workers as soon as one exits non-zero, which could cut
@@ -160,7 +160,16 @@ def failure_barrier():
     times out and exits, and torchrun ends the rest. Returns the ranks that
     did not come (rank 0 learns them all; the others, at most that some did
     not: ``[-1]``), empty when all met.
+
+    A run that fails before its process group exists (while loading its
+    YAML) passes ``run_opts``: the group is made here, with the barrier's
+    timeout, so that every rank still reports.
     """
+    if run_opts is not None and not torch.distributed.is_initialized():
+        try:
+            init_distributed(run_opts, FAILURE_BARRIER_S)
+        except Exception:  # noqa: BLE001 - the others are gone: report alone
+            return [-1]
     group = _failure["group"]
     if group is None or not torch.distributed.is_initialized():
         return []
