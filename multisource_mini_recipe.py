@@ -293,13 +293,11 @@ def main(argv=None):
             run_opts={"device": run_opts.get("device", hparams["asr_device"])}
         )
         fetched = fetched_sources(fetching.fetch_log)
-    except ConfigError as error:
-        print(f"\nCANNOT RUN: {error}", file=sys.stderr)
-        return EXIT_INPUT_ERROR
     except fetching.FetchError as error:
         print(f"\nFETCH FAILED: {error}", file=sys.stderr)
         return EXIT_INPUT_ERROR
-    except (FileNotFoundError, run_lock.OutputFolderInUse) as error:  # not built (yet), or busy
+    # a bad setting, a profile not built (yet), or a busy output folder
+    except (ConfigError, FileNotFoundError, run_lock.OutputFolderInUse) as error:
         print(f"\nCANNOT RUN: {error}", file=sys.stderr)
         return EXIT_INPUT_ERROR
     finally:
