@@ -12,8 +12,11 @@ component here closes one.
 * :mod:`.sub_batches`: length groups inside one call (batching no longer
   changes a hypothesis, so a call may reorganise its work).
 * :mod:`.ctc_prefix`: SpeechBrain's CTC prefix score without its per-row loops.
+* :mod:`.convert`: :func:`make_padding_invariant`, one call for a recognizer
+  loaded through SpeechBrain's own classes (the real model repos).
 """
 
+from .convert import make_padding_invariant, padding_invariant_module
 from .encoder import PaddingInvariantCRDNN, PaddingInvariantEncoder
 from .lengths import FRAME_LENGTHS_ATTR, exact_lengths, frame_lengths_of
 from .search import (
@@ -31,4 +34,6 @@ __all__ = [
     "PaddingInvariantS2SRNNGreedySearcher",
     "exact_lengths",
     "frame_lengths_of",
+    "make_padding_invariant",
+    "padding_invariant_module",
 ]
