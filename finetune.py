@@ -11,6 +11,7 @@ the pretrained interface, each DDP-valid.
     torchrun --nproc_per_node=2 finetune.py finetune.yaml            # 2 ranks
     python finetune.py finetune.yaml \
         --build_profile='!include:sbtemplate/hparams/profiles/tiny.yaml'  # 1 process, tiny
+    torchrun --nproc_per_node=2 finetune.py finetune_rnnlm_librispeech.yaml  # the real RNNLM
 
 On CPUs the backend is gloo, on GPUs NCCL (``--distributed_backend`` and
 ``--device`` override). Multi-node and SLURM launches: docs/launching.md.
@@ -42,6 +43,7 @@ from sbtemplate.ddp_dynamic_batching import (
 )
 from sbtemplate.distributed import DDPEvalMixin, check_ledger, exchange, rank_and_world_size
 from sbtemplate.frozen import freeze, state_digest, state_digests, trainable_parameters
+from sbtemplate.padding_invariant import make_padding_invariant
 
 logger = logging.getLogger(__name__)
 # What the run is doing, for the message when the ranks lose each other.
@@ -488,6 +490,8 @@ def run(hparams_file, run_opts, overrides):
                 run_opts.device,
                 lm_state=tuned_lm,
             )
+            if hparams["padding_invariant"]:  # a repo naming SpeechBrain's own classes
+                make_padding_invariant(asr)
             for reader in hparams["interface_readers"]:
                 reports[f"interface_{reader}"] = fe.interface_evaluation(
                     asr,

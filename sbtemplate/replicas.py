@@ -4,7 +4,8 @@ Users of the template bring ``speechbrain/asr-crdnn-rnnlm-librispeech`` or its
 TransformerLM sibling; nothing can be downloaded here, but their architectures
 are public. This module writes each as a model folder in the real repo's
 layout (``hyperparams.yaml`` naming SpeechBrain's own classes, ``asr.ckpt``,
-``lm.ckpt``, ``tokenizer.ckpt``, ``normalizer.ckpt``, ``example.wav``) with
+``lm.ckpt``, ``tokenizer.ckpt``, ``normalizer.ckpt``, ``example.wav``, and the
+``manifest.json`` of digests every fetch here is checked against) with
 seeded random weights, so that the recipes, the fetching and the decoding run
 on the real topology, sizes and token ids. WER means nothing on them;
 exactness, cost and speed do.
@@ -32,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from sbtemplate.manifest import write_manifest
 from sbtemplate.paths import artifacts_root
 
 REPLICAS_DIR = Path(__file__).resolve().parent / "hparams" / "replicas"
@@ -42,6 +44,8 @@ REPO_IDS = (
 SIZES = ("full", "reduced")
 #: Written last: a folder with it is complete (and says what it was built from).
 MARKER = "replica.json"
+#: Bumped when what a replica folder holds changes: older folders are rewritten.
+FORMAT = 2
 
 # Special ids of the real tokenizers: the 1000-piece one has only unk (0), the
 # recognizer uses 0 for blank, bos and eos; the 5000-piece one has bos 1, eos 2.
@@ -165,7 +169,7 @@ def parameter_counts(hparams):
 
 
 def _fingerprint(text, seed):
-    return hashlib.sha256(f"{seed}\n{text}".encode()).hexdigest()[:16]
+    return hashlib.sha256(f"{FORMAT}\n{seed}\n{text}".encode()).hexdigest()[:16]
 
 
 def is_complete(folder, text, seed):
@@ -214,6 +218,7 @@ def write_replica(repo_id, size, root=None, seed=0, log=print):
         train_tokenizer(work / "tokenizer.ckpt", hp["output_neurons"], TOKENIZER_IDS[repo_id], seed)
         example_audio(work / "example.wav", hp["sample_rate"], seed=seed)
         (work / "hyperparams.yaml").write_text(text)
+        write_manifest(work)  # the digests the loopback servers publish and fetches check
         record = {
             "repo_id": repo_id,
             "size": size,

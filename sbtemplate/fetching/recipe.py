@@ -33,14 +33,15 @@ ENDPOINT_MODES = ("loopback", "public")
 _serving = {}  # (folder, repo id) -> (ExitStack, sbtemplate.servers.Served)
 
 
-def resolve_endpoints(mode, local_repo, hub_repo_id, public_hub_endpoint, profile=None):
+def resolve_endpoints(mode, local_repo, hub_repo_id, public_hub_endpoint, profile=None, build=None):
     """The Hub endpoint and URL base of ``mode``, as a mapping for the YAML.
 
     ``loopback`` serves ``local_repo`` as Hub repo ``hub_repo_id`` on
     127.0.0.1 (started on the first call for that folder, reused after, so a
     file that is resolved again gets the same addresses); ``public`` is
-    ``public_hub_endpoint`` and its ``resolve/main`` URLs. ``profile`` names
-    the build that makes ``local_repo`` in the error when it is missing.
+    ``public_hub_endpoint`` and its ``resolve/main`` URLs. The error for a
+    missing ``local_repo`` names the command that makes it: ``build``, or the
+    build of ``profile``.
     """
     from sbtemplate.config_checks import ConfigError
 
@@ -51,19 +52,22 @@ def resolve_endpoints(mode, local_repo, hub_repo_id, public_hub_endpoint, profil
     if mode == "public":
         hub = str(public_hub_endpoint).rstrip("/")
         return {"mode": mode, "hub_endpoint": hub, "url_base": f"{hub}/{hub_repo_id}/resolve/main"}
-    served = loopback_servers(local_repo, hub_repo_id, profile)
+    if build is None:
+        build = f"python -m sbtemplate.build --profile {profile or '<name>'}"
+    served = loopback_servers(local_repo, hub_repo_id, build)
     return {"mode": mode, "hub_endpoint": served.hub_endpoint, "url_base": served.url_base}
 
 
-def loopback_servers(local_repo, hub_repo_id, profile=None):
-    """The running loopback servers of ``local_repo`` (started if need be)."""
+def loopback_servers(local_repo, hub_repo_id, build=None):
+    """The running loopback servers of ``local_repo`` (started if need be);
+    ``build``: the command that makes a missing ``local_repo``."""
     from sbtemplate import servers
 
     folder = Path(local_repo)
     if not folder.is_dir():
         raise FileNotFoundError(
-            f"Nothing to serve: {folder} does not exist (build the profile first: "
-            f"python -m sbtemplate.build --profile {profile or '<name>'}; "
+            f"Nothing to serve: {folder} does not exist (build it first: "
+            f"{build or 'python -m sbtemplate.build --profile <name>'}; "
             "or set fetch_endpoints: public)"
         )
     key = (str(folder.resolve()), str(hub_repo_id))

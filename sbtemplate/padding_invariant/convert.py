@@ -58,6 +58,18 @@ def padding_invariant_module(module):
     return module
 
 
+def padding_invariant_if(padding_invariant, module):
+    """:func:`padding_invariant_module` of ``module`` if ``padding_invariant``, else ``module``.
+
+    The YAML switch of a recipe that loads SpeechBrain's own classes::
+
+        test_search: !apply:sbtemplate.padding_invariant.convert.padding_invariant_if
+            - !ref <padding_invariant>
+            - !ref <recognizer[decoder]>
+    """
+    return padding_invariant_module(module) if padding_invariant else module
+
+
 def make_padding_invariant(asr):
     """Give a loaded ``EncoderDecoderASR`` padding-invariant decoding, in place.
 
