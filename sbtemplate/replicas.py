@@ -45,7 +45,7 @@ SIZES = ("full", "reduced")
 #: Written last: a folder with it is complete (and says what it was built from).
 MARKER = "replica.json"
 #: Bumped when what a replica folder holds changes: older folders are rewritten.
-FORMAT = 2
+FORMAT = 3
 
 # Special ids of the real tokenizers: the 1000-piece one has only unk (0), the
 # recognizer uses 0 for blank, bos and eos; the 5000-piece one has bos 1, eos 2.
@@ -150,7 +150,7 @@ def train_tokenizer(path, vocab_size, special_ids, seed=0):
     return path
 
 
-def example_audio(path, sample_rate=16000, seconds=3.0, seed=0):
+def example_audio(path, sample_rate=16000, seconds=1.5, seed=0):
     """A short deterministic signal as the repo's ``example.wav`` (a sweep in noise)."""
     import soundfile
 

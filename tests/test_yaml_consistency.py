@@ -525,6 +525,19 @@ PAIRS = {
             *DISTRIBUTED,
         ),
     ),
+    # The same recipe on the real RNNLM's repo (its stock hyperparams.yaml).
+    "finetune_rnnlm_librispeech": Pair(
+        "finetune_rnnlm_librispeech.yaml",
+        (
+            Source("finetune.py"),
+            Source("sbtemplate/run_setup.py"),
+            Source("sbtemplate/ddp_dynamic_batching.py"),
+            Source("sbtemplate/finetune_eval.py"),
+            Source("sbtemplate/fetching/recipe.py", ("use_endpoints", "collect_pretrained")),
+            Source("sbtemplate/frozen.py"),
+            *DISTRIBUTED,
+        ),
+    ),
     "single_node": Pair(
         "single_node_pretrained.yaml",
         (Source("single_node_pretrained.py"),),
