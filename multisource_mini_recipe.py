@@ -40,6 +40,7 @@ from speechbrain.utils.distributed import run_on_main
 from sbtemplate import fetching, run_lock
 from sbtemplate.audio_check import AudioFormatError, check_audio_format
 from sbtemplate.config_checks import ConfigError
+from sbtemplate.padding_invariant import make_padding_invariant
 from sbtemplate.run_setup import EXIT_INPUT_ERROR, load_hparams, parse_arguments
 from sbtemplate.slu import (
     fetched_sources,
@@ -293,6 +294,8 @@ def main(argv=None):
             run_opts={"device": run_opts.get("device", hparams["asr_device"])}
         )
         fetched = fetched_sources(fetching.fetch_log)
+        if hparams["asr_padding_invariant"]:
+            make_padding_invariant(asr)
     except fetching.FetchError as error:
         print(f"\nFETCH FAILED: {error}", file=sys.stderr)
         return EXIT_INPUT_ERROR

@@ -5,8 +5,11 @@
 Runs, one after the other on the same machine (so the ratios are measured side
 by side): padding-invariant against stock batched decoding and batch size 1
 (``benchmarks.padding``), LM-only against whole-recognizer fine-tuning steps and
-dynamic against fixed batching (``benchmarks.finetune``), and sharded
-evaluation on 2 ranks against 1 (``benchmarks.ddp_eval``). Writes
+dynamic against fixed batching (``benchmarks.finetune``), sharded
+evaluation on 2 ranks against 1 (``benchmarks.ddp_eval``) and, unless
+``--no-replicas``, the same decoding and step comparisons at the size of the
+real LibriSpeech recognizers (``benchmarks.replicas``, on the replicas of
+``python -m sbtemplate.replicas --size full``, written if missing). Writes
 ``<out>/report.md`` (tables), ``<out>/report.json`` (all figures) and two plots:
 WER against batch size for stock and padding-invariant decoding, and the
 padding fraction of fixed against dynamic batching. The build's and the last
@@ -74,7 +77,7 @@ def _plots(figures, out):
     return made
 
 
-def run(profile="full", out="results", max_utterances=60, threads=1, repeats=3):
+def run(profile="full", out="results", max_utterances=60, threads=1, repeats=3, with_replicas=True):
     """Run the padding, fine-tuning and DDP-evaluation benchmarks on a built profile; the figures.
 
     Writes ``report.md``, ``report.json`` and the plots into ``out``, with the
@@ -82,6 +85,7 @@ def run(profile="full", out="results", max_utterances=60, threads=1, repeats=3):
     FileNotFoundError when the profile is not built.
     """
     from sbtemplate.benchmarks import ddp_eval, finetune, padding
+    from sbtemplate.benchmarks import replicas as replicas_bench
 
     paths = ProfilePaths.for_profile(profile)
     if not (paths.model_dir / "hyperparams.yaml").is_file():
@@ -126,6 +130,8 @@ def run(profile="full", out="results", max_utterances=60, threads=1, repeats=3):
             work_dir=str(out / "ddp_eval_work"),
         ),
     )
+    if with_replicas:
+        timed("replicas", lambda: replicas_bench.run(profile=profile, threads=threads))
     figures["seconds"] = seconds
 
     if "build" in figures:
@@ -170,6 +176,13 @@ def run(profile="full", out="results", max_utterances=60, threads=1, repeats=3):
             "Sharded evaluation, 2 ranks against 1", ddp_eval.format_table(figures["ddp_eval"])
         )
     )
+    if with_replicas:
+        sections.append(
+            _section(
+                "The real LibriSpeech recognizers' size (random-weight replicas)",
+                "```\n" + replicas_bench.format_table(figures["replicas"]) + "\n```",
+            )
+        )
     plots = _plots(figures, out)
     report = [
         f"# Suite report ({profile} profile)\n",
@@ -204,9 +217,21 @@ def main(argv=None):
         default=3,
         help="timed runs of each decoding (median and spread reported)",
     )
+    parser.add_argument(
+        "--no-replicas",
+        action="store_true",
+        help="skip the full-size replicas of the real recognizers (about 40 minutes)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    run(args.profile, args.out, args.max_utterances, args.threads, args.repeats)
+    run(
+        args.profile,
+        args.out,
+        args.max_utterances,
+        args.threads,
+        args.repeats,
+        with_replicas=not args.no_replicas,
+    )
     return 0
 
 
