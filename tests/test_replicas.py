@@ -369,3 +369,29 @@ def test_variant_keeps_every_other_setting_of_finetune_yaml():
     assert differ == model_keys
     assert set(base) - set(variant) == set()
     assert set(variant) - set(base) == {"replica_size", "beam_size"}
+
+
+def test_replica_benchmark_measures_both_parts(reduced, tiny_build):
+    """A small run of the full-size benchmark's code: every figure it reports exists."""
+    from sbtemplate.benchmarks import replicas as bench
+
+    fig = bench.run(
+        size="reduced",
+        profile="tiny",
+        repo_ids=(RNNLM,),
+        utterances=6,
+        beam_size=4,
+        batchings_names=("bs1", "bs8_file"),
+        step_batch_size=2,
+        step_repeats=1,
+        log=lambda line: None,
+    )
+    model = fig["models"][RNNLM]
+    decoding, step = model["decoding"], model["step"]
+    assert decoding["identical_to_bs1"]["padding_invariant"]["bs8_file"] == fig["utterances"] == 6
+    assert decoding["bs1_stock_equals_invariant"]
+    assert all(v > 0 for v in decoding["invariant_vs_stock"].values())
+    assert step["lm_only"]["trainable_params"] == model["parameters"]["lm"]
+    assert step["whole_recognizer"]["trainable_params"] == model["parameters"]["asr"]
+    assert step["ratio"] > 0 and step["whole_recognizer"]["peak_rss_mb"] > 0
+    assert RNNLM in bench.format_table(fig)
