@@ -512,31 +512,25 @@ DISTRIBUTED = tuple(
     for p in sorted((ROOT / "sbtemplate" / "distributed").glob("*.py"))
 )
 RECIPE_CODE = ("finetune.py", "multisource_mini_recipe.py", "single_node_pretrained.py")
+# What reads finetune.py's YAML (finetune.yaml and its real-RNNLM variant).
+FINETUNE_CODE = (
+    Source("finetune.py"),
+    Source("sbtemplate/run_setup.py"),
+    Source("sbtemplate/ddp_dynamic_batching.py"),
+    Source("sbtemplate/finetune_eval.py"),
+    Source("sbtemplate/fetching/recipe.py", ("use_endpoints", "collect_pretrained")),
+    Source("sbtemplate/frozen.py"),
+    *DISTRIBUTED,
+)
 PAIRS = {
     "finetune": Pair(
         "finetune.yaml",
-        (
-            Source("finetune.py"),
-            Source("sbtemplate/run_setup.py"),
-            Source("sbtemplate/ddp_dynamic_batching.py"),
-            Source("sbtemplate/finetune_eval.py"),
-            Source("sbtemplate/fetching/recipe.py", ("use_endpoints", "collect_pretrained")),
-            Source("sbtemplate/frozen.py"),
-            *DISTRIBUTED,
-        ),
+        FINETUNE_CODE,
     ),
     # The same recipe on the real RNNLM's repo (its stock hyperparams.yaml).
     "finetune_rnnlm_librispeech": Pair(
         "finetune_rnnlm_librispeech.yaml",
-        (
-            Source("finetune.py"),
-            Source("sbtemplate/run_setup.py"),
-            Source("sbtemplate/ddp_dynamic_batching.py"),
-            Source("sbtemplate/finetune_eval.py"),
-            Source("sbtemplate/fetching/recipe.py", ("use_endpoints", "collect_pretrained")),
-            Source("sbtemplate/frozen.py"),
-            *DISTRIBUTED,
-        ),
+        FINETUNE_CODE,
     ),
     "single_node": Pair(
         "single_node_pretrained.yaml",
