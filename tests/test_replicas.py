@@ -25,7 +25,8 @@ from fetch_helpers import fetch_environment
 from network_guard import _forbid_network  # noqa: F401 - autouse fixture
 
 from sbtemplate import replicas
-from sbtemplate.benchmarks.decoding import decode, dynamic_batches, fixed_size_batches
+from sbtemplate.benchmarks.decoding import decode
+from sbtemplate.benchmarks.padding import batchings
 from sbtemplate.padding_invariant import (
     PaddingInvariantCRDNN,
     PaddingInvariantEncoder,
@@ -67,14 +68,9 @@ def mixed_set(n=16, seed=0):
 
 
 def plans(seconds):
-    """The batchings compared against batch size 1, in file order."""
-    n = len(seconds)
-    return {
-        "bs1": fixed_size_batches(n, 1),
-        "bs8_file": fixed_size_batches(n, 8),
-        "bs16_file": fixed_size_batches(n, 16),
-        "dynamic": dynamic_batches(seconds, max_batch_length=6 * sum(seconds) / n),
-    }
+    """The padding benchmark's batchings compared against batch size 1, in file order."""
+    every = batchings(seconds, dynamic_max_seconds=6 * sum(seconds) / len(seconds))
+    return {name: every[name] for name in ("bs1", *BATCHINGS)}
 
 
 @pytest.fixture(scope="module", params=replicas.REPO_IDS)

@@ -36,14 +36,17 @@ import torch
 from sbtemplate.profiles import profile_names
 
 ROOT = Path(__file__).resolve().parents[2]
+#: The project's hyperparams.yaml with SpeechBrain's own encoder and searcher classes.
+STOCK_CLASSES = {"padding_invariant": False}
 
 
-def load_recognizer(model_dir, work_dir):
-    """The published modules (stock SpeechBrain classes), loaded from ``model_dir``."""
+def load_recognizer(model_dir, work_dir, overrides=STOCK_CLASSES):
+    """The published modules, loaded from ``model_dir`` (by default with the stock
+    SpeechBrain classes; ``overrides=None`` for a repo that names them itself)."""
     from hyperpyyaml import load_hyperpyyaml
 
     with open(Path(model_dir) / "hyperparams.yaml") as fin:
-        hparams = load_hyperpyyaml(fin, {"padding_invariant": False})
+        hparams = load_hyperpyyaml(fin, overrides)
     pretrainer = hparams["pretrainer"]
     pretrainer.set_collect_in(str(work_dir))
     pretrainer.collect_files(default_source=str(model_dir))

@@ -38,25 +38,17 @@ from pathlib import Path
 import torch
 
 from sbtemplate import replicas
-from sbtemplate.benchmarks.decoding import by_length, decode, dynamic_batches, fixed_size_batches
+from sbtemplate.benchmarks.decoding import decode
+from sbtemplate.benchmarks.padding import BATCHINGS
+from sbtemplate.benchmarks.padding import batchings as padding_batchings
 from sbtemplate.profiles import profile_names
 
 SAMPLE_RATE = 16000
-BATCHINGS = ("bs1", "bs8_file", "bs16_file", "bs8_sorted", "bs16_sorted", "dynamic")
 
 
 def batchings(durations, names=BATCHINGS):
-    """The compared batchings of a set: name -> index lists (file order = as given)."""
-    n = len(durations)
-    longest_first = by_length(durations, descending=True)
-    plans = {
-        "bs1": fixed_size_batches(n, 1),
-        "bs8_file": fixed_size_batches(n, 8),
-        "bs16_file": fixed_size_batches(n, 16),
-        "bs8_sorted": fixed_size_batches(n, 8, longest_first),
-        "bs16_sorted": fixed_size_batches(n, 16, longest_first),
-        "dynamic": dynamic_batches(durations, 8 * sum(durations) / n),
-    }
+    """The padding benchmark's batchings of a set (file order = as given), those named."""
+    plans = padding_batchings(durations, 8 * sum(durations) / len(durations))
     return {name: plans[name] for name in names}
 
 
@@ -85,7 +77,6 @@ def _decode_worker(folder, invariant, wavs, plans, overrides, threads, repeats):
         )
         if invariant:
             make_padding_invariant(asr)
-        loaded_mb = peak_rss_mb()
         decode(asr, wavs[:2], [[0], [0, 1]])  # warm-up, the same for both
         out = {}
         for name, batches in plans.items():
@@ -95,23 +86,16 @@ def _decode_worker(folder, invariant, wavs, plans, overrides, threads, repeats):
                 "cpu_s_runs": [round(r["cpu_seconds"], 2) for r in runs],
                 "tokens": runs[0]["tokens"],
             }
-    return {"batchings": out, "loaded_rss_mb": loaded_mb, "peak_rss_mb": peak_rss_mb()}
+    return {"batchings": out, "peak_rss_mb": peak_rss_mb()}
 
 
 def _step_worker(folder, part, batch_size, manifest, data_root, threads, repeats):
-    from hyperpyyaml import load_hyperpyyaml
-
     from sbtemplate.benchmarks import finetune
 
     torch.set_num_threads(threads)
     torch.set_flush_denormal(True)
     with tempfile.TemporaryDirectory() as work:
-        with open(Path(folder) / "hyperparams.yaml") as handle:
-            hparams = load_hyperpyyaml(handle)
-        pretrainer = hparams["pretrainer"]
-        pretrainer.set_collect_in(work)
-        pretrainer.collect_files(default_source=str(folder))
-        pretrainer.load_collected()
+        hparams = finetune.load_recognizer(folder, work, overrides=None)  # stock classes already
         batch = finetune.speech_batch(
             manifest,
             data_root,
