@@ -404,16 +404,23 @@ def published_hparams(profile):
     return inference_hparams(values, f"profile {profile!r}")
 
 
-def inference_hparams(values, what="the recognizer"):
-    """inference.yaml with its ``recognizer`` block filled in from ``values``
-    (YAML in, YAML out, comments kept); every key of the block is required."""
-    import io
-
+def round_trip_yaml():
+    """A ruamel.yaml round-trip loader/dumper in the layout of the project's
+    hparams files: comments, tags and order kept, lines never folded."""
     import ruamel.yaml
 
     yaml = ruamel.yaml.YAML(typ="rt")
     yaml.width = 4096
     yaml.indent(mapping=4, sequence=6, offset=4)
+    return yaml
+
+
+def inference_hparams(values, what="the recognizer"):
+    """inference.yaml with its ``recognizer`` block filled in from ``values``
+    (YAML in, YAML out, comments kept); every key of the block is required."""
+    import io
+
+    yaml = round_trip_yaml()
     document = yaml.load((HPARAMS_DIR / "inference.yaml").read_text())
     block = document["recognizer"]
     if set(block) != set(values):

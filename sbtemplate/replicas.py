@@ -74,11 +74,9 @@ def widths(repo_id, size):
 def replica_hparams(repo_id, size):
     """The replica's ``hyperparams.yaml``: the architecture file with the widths
     of ``size`` filled in as plain values (YAML in, YAML out, comments kept)."""
-    import ruamel.yaml
+    from sbtemplate.build import round_trip_yaml
 
-    yaml = ruamel.yaml.YAML(typ="rt")
-    yaml.width = 4096
-    yaml.indent(mapping=4, sequence=6, offset=4)
+    yaml = round_trip_yaml()
     document = yaml.load((REPLICAS_DIR / f"{_name(repo_id)}.yaml").read_text())
     values = widths(repo_id, size)
     placeholders = {
