@@ -20,7 +20,7 @@ import torch
 from speechbrain.inference.ASR import EncoderDecoderASR
 from speechbrain.lobes.models.CRDNN import CRDNN
 from speechbrain.nnet.CNN import Conv2d
-from speechbrain.nnet.pooling import Pooling1d
+from speechbrain.nnet.pooling import Pooling1d, Pooling2d
 from speechbrain.nnet.RNN import LSTM, pack_padded_sequence
 
 from sbtemplate.benchmarks import diagnostics as diag
@@ -41,6 +41,7 @@ from sbtemplate.padding_invariant import (
 )
 from sbtemplate.padding_invariant.encoder import (
     conv2d_own_padding,
+    max_pool_tiled,
     normalizer_statistics_to,
     pooled_lengths,
     rnn_own_lengths,
@@ -180,6 +181,38 @@ def test_pooled_lengths_match_lone_pooling():
         assert pooled_lengths(pool, torch.tensor([n])).item() == out.shape[1]
     freq_pool = Pooling1d("max", kernel_size=2, input_dims=4, pool_axis=2)
     assert pooled_lengths(freq_pool, torch.tensor([17])).item() == 17
+
+
+@pytest.mark.parametrize(
+    "make, shape",
+    [
+        (lambda: Pooling1d("max", kernel_size=2, input_dims=4, pool_axis=2), (3, 17, 41, 5)),
+        (lambda: Pooling1d("max", kernel_size=3, input_dims=4, pool_axis=1), (2, 20, 6, 4)),
+        (lambda: Pooling1d("max", kernel_size=2, input_dims=3, pool_axis=1), (2, 13, 7)),
+        (lambda: Pooling2d("max", kernel_size=(2, 3), pool_axis=(1, 2)), (2, 11, 10, 3)),
+        # not tiling its axis, or not max: the stock layer runs
+        (
+            lambda: Pooling1d("max", kernel_size=3, input_dims=4, pool_axis=1, stride=2),
+            (2, 9, 4, 2),
+        ),
+        (
+            lambda: Pooling1d("max", kernel_size=2, input_dims=4, pool_axis=2, padding=1),
+            (2, 9, 5, 2),
+        ),
+        (lambda: Pooling1d("avg", kernel_size=2, input_dims=4, pool_axis=2), (2, 9, 6, 2)),
+    ],
+)
+def test_tiled_max_pooling_gives_the_stock_values(make, shape):
+    """The encoder's pooling shortcut is exact (ties, -0.0 and all) or falls back."""
+    pool = make()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(*shape, generator=g)
+    x[..., ::3] = x[..., ::3].round()  # ties within windows
+    x[0, 0] = -0.0
+    expected = pool(x)
+    got = max_pool_tiled(pool, x)
+    assert got.shape == expected.shape
+    assert torch.equal(got, expected)
 
 
 def test_stock_rnn_packing_truncates_relative_lengths():
