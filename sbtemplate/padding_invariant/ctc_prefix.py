@@ -1,18 +1,27 @@
-"""SpeechBrain's CTC prefix scorer with its per-row Python loops vectorised.
+"""SpeechBrain's CTC prefix scorer with its Python loops vectorised or slimmed.
 
 ``speechbrain.decoders.ctc.CTCPrefixScore.forward_step`` (1.1.2) walks every
 beam row in Python three times per decoding step (to set the prefix's own
 last token in ``phi``, to scatter the candidates' scores into ``psi`` and to
-set the ``eos`` score). At batch size 16 and beam 8 that is 384 small tensor
-operations per step, which no batching amortises: it was the largest cost of a
-batched step that grows with the batch.
+set the ``eos`` score), and every encoder frame once (the forward recursion of
+the prefix probabilities, Algorithm 2 lines 11-12). At batch size 16 and
+beam 8 the row loops are 384 small tensor operations per step; the frame loop
+costs about 16 tensor operations per frame per step (a ``stack``, a
+``logsumexp`` of pairs and their indexing), so a step costs time in
+proportion to the longest utterance's frames, whatever the batch size: on
+long-form audio it was the largest single cost of decoding.
 
 :class:`VectorizedCTCPrefixScore` computes the same step with one indexed
-assignment, one ``scatter_`` and one gather in place of the three loops; every
-other line is the stock method's. The values are the stock ones bit for bit
-(the loops only move values, no arithmetic changes): the tests compare both on
-the same states. The padding-invariant beam searcher installs it on its CTC
-scorers (:func:`vectorize_ctc_scorers`); the stock searcher keeps the stock one.
+assignment, one ``scatter_`` and one gather in place of the row loops (values
+moved, not computed: bit for bit the stock ones), and runs the frame recursion
+as two kernels per frame, ``torch.logaddexp`` of the pairs written in place
+and the frame's log-probabilities added (:func:`forward_recursion`). The
+recursion's values equal the stock ones to float rounding (``logaddexp``
+computes ``max + log1p(exp(-|a - b|))``, ``logsumexp`` ``max + log(exp(a -
+max) + exp(b - max))``; the tests bound the difference); each row is computed on its own, so the result of a
+row never depends on the other rows of the batch. The padding-invariant beam
+searcher installs it on its CTC scorers (:func:`vectorize_ctc_scorers`); the
+stock searcher keeps the stock one.
 """
 
 import torch
@@ -21,7 +30,7 @@ from speechbrain.decoders.scorer import CTCScorer
 
 
 class VectorizedCTCPrefixScore(CTCPrefixScore):
-    """``CTCPrefixScore`` whose ``forward_step`` has no per-row Python loops."""
+    """``CTCPrefixScore`` without per-row Python loops and with a two-kernel frame loop."""
 
     @torch.no_grad()
     def forward_step(self, inp_tokens, states, candidates=None, attn=None):
@@ -93,13 +102,7 @@ class VectorizedCTCPrefixScore(CTCPrefixScore):
             start = max(max(1, self.prefix_length), int(min_frame))
             end = min(self.max_enc_len, int(max_frame))
 
-        for t in range(start, end):
-            rnb_prev = r[t - 1, 0]
-            rb_prev = r[t - 1, 1]
-            r_ = torch.stack([rnb_prev, phi[t - 1], rnb_prev, rb_prev]).view(
-                2, 2, n_bh, self.num_candidates
-            )
-            r[t] = torch.logsumexp(r_, 1) + x_inflate[:, t]
+        forward_recursion(r, phi, x_inflate, start, end)
 
         psi_init = r[start - 1, 0].unsqueeze(0)
         phix = torch.cat((phi[0].unsqueeze(0), phi[:-1]), dim=0) + x_inflate[0]
@@ -118,6 +121,45 @@ class VectorizedCTCPrefixScore(CTCPrefixScore):
         return psi - psi_prev, (r, psi, scoring_table)
 
 
+def forward_recursion(r, phi, x, start, end):
+    """Fill ``r[start:end]``: the CTC prefix forward probabilities, frame by frame.
+
+    For each frame ``t`` (Algorithm 2, lines 11-12)::
+
+        r[t, 0] = logaddexp(r[t-1, 0], phi[t-1]) + x[0, t]   # ends in the new token
+        r[t, 1] = logaddexp(r[t-1, 0], r[t-1, 1]) + x[1, t]  # ends in blank
+
+    Both lines of a frame are one ``torch.logaddexp`` and one in-place add on
+    a work buffer laid out per frame as ``(r_nb, phi, r_b)``: the pair a
+    frame reads, ``(phi, r_b)`` of the frame before, is contiguous, and the
+    pair it writes, ``(r_nb, r_b)``, is a strided view.
+
+    Arguments
+    ---------
+    r : torch.Tensor
+        ``[frames, 2, rows, candidates]``; ``r[start - 1]`` is read, ``r[start:end]``
+        written.
+    phi : torch.Tensor
+        ``[frames, rows, candidates]``.
+    x : torch.Tensor
+        ``[2, frames, rows, candidates]``: token and blank log-probabilities.
+    start, end : int
+        Frames to fill (``start >= 1``).
+    """
+    if end <= start:
+        return
+    work = r.new_empty((end, 3) + tuple(r.shape[2:]))
+    work[start - 1 : end - 1, 1] = phi[start - 1 : end - 1]
+    work[start - 1, 0] = r[start - 1, 0]
+    work[start - 1, 2] = r[start - 1, 1]
+    for t in range(start, end):
+        previous = work[t - 1]
+        out = work[t, 0::2]
+        torch.logaddexp(previous[0:1], previous[1:3], out=out)
+        out += x[:, t]
+    r[start:end] = work[start:end, 0::2]
+
+
 def vectorize_ctc_scorers(scorer):
     """Give every ``CTCScorer`` of a ``ScorerBuilder`` the vectorised prefix score.
 
@@ -132,4 +174,4 @@ def vectorize_ctc_scorers(scorer):
             impl.ctc_score.__class__ = VectorizedCTCPrefixScore
 
 
-__all__ = ["VectorizedCTCPrefixScore", "vectorize_ctc_scorers"]
+__all__ = ["VectorizedCTCPrefixScore", "forward_recursion", "vectorize_ctc_scorers"]
