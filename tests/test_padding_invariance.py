@@ -673,8 +673,8 @@ def test_a_mixed_batch_is_encoded_and_searched_in_groups(random_asr, wavs, monke
     with torch.no_grad():
         enc = asr.encode_batch(sig, rel)
         _, tokens = asr.transcribe_batch(sig, rel)
-    groups = length_groups([len(w) for w in wavs])  # by samples in the encoder
-    frame_groups = length_groups(enc.frame_lengths)  # by encoder frames in the search
+    groups = length_groups([len(w) for w in wavs], asr.mods.encoder.max_length_ratio)
+    frame_groups = length_groups(enc.frame_lengths, asr.mods.decoder.max_length_ratio)
     assert len(groups) > 2 and len(frame_groups) > 2
     assert len(enc_calls) == 2 * len(groups)  # encode_batch, then transcribe_batch
     for (shape, lengths), rows in zip(enc_calls, groups + groups):

@@ -49,7 +49,7 @@ from .lengths import (
     relative_lengths,
 )
 from .sub_batches import (
-    DEFAULT_MAX_LENGTH_RATIO,
+    ENCODER_MAX_LENGTH_RATIO,
     length_groups,
     scatter_padded,
     scatter_rows,
@@ -583,7 +583,7 @@ class PaddingInvariantEncoder(LengthsCapableSequential):
     """
 
     #: Longest/shortest length ratio within one encoded group (None: no groups).
-    max_length_ratio = DEFAULT_MAX_LENGTH_RATIO
+    max_length_ratio = ENCODER_MAX_LENGTH_RATIO
 
     def forward_with_lengths(self, wavs, n_samples):
         """Encode waveforms with exact sample counts; returns (out, lengths)."""

@@ -39,7 +39,7 @@ from torch.distributions import Categorical
 from .ctc_prefix import vectorize_ctc_scorers
 from .lengths import frame_lengths_of, relative_lengths
 from .sub_batches import (
-    DEFAULT_MAX_LENGTH_RATIO,
+    SEARCH_MAX_LENGTH_RATIO,
     length_groups,
     scatter_padded,
     scatter_rows,
@@ -179,7 +179,7 @@ class PaddingInvariantBeamSearchMixin:
     """
 
     #: Longest/shortest length ratio within one searched group (None: no groups).
-    max_length_ratio = DEFAULT_MAX_LENGTH_RATIO
+    max_length_ratio = SEARCH_MAX_LENGTH_RATIO
     #: Let utterances whose beams are all closed leave the batch (see :meth:`_search`).
     compact_finished = True
 

@@ -17,11 +17,16 @@ and gets back is unchanged; only the cost is.
 
 import torch
 
-#: Default: a group's shortest member is at least its longest divided by this.
-DEFAULT_MAX_LENGTH_RATIO = 2.0
+#: Defaults: a group's shortest member is at least its longest divided by this.
+#: The encoder's work is mostly convolutions whose cost grows with the padded
+#: frames and barely with the number of calls, so it takes tighter groups than
+#: the beam search, where every group pays a fixed cost per decoding step
+#: (measured on the full profile: docs/benchmarks.md).
+ENCODER_MAX_LENGTH_RATIO = 1.5
+SEARCH_MAX_LENGTH_RATIO = 2.0
 
 
-def length_groups(lengths, max_length_ratio=DEFAULT_MAX_LENGTH_RATIO):
+def length_groups(lengths, max_length_ratio=SEARCH_MAX_LENGTH_RATIO):
     """Partition batch indices into groups of similar length, longest first.
 
     The indices are sorted by length (longest first, ties in batch order) and a
@@ -86,7 +91,8 @@ def scatter_rows(parts, groups, batch_size):
 
 
 __all__ = [
-    "DEFAULT_MAX_LENGTH_RATIO",
+    "ENCODER_MAX_LENGTH_RATIO",
+    "SEARCH_MAX_LENGTH_RATIO",
     "length_groups",
     "scatter_padded",
     "scatter_rows",
