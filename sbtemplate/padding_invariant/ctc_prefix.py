@@ -18,10 +18,10 @@ as two kernels per frame, ``torch.logaddexp`` of the pairs written in place
 and the frame's log-probabilities added (:func:`forward_recursion`). The
 recursion's values equal the stock ones to float rounding (``logaddexp``
 computes ``max + log1p(exp(-|a - b|))``, ``logsumexp`` ``max + log(exp(a -
-max) + exp(b - max))``; the tests bound the difference); each row is computed on its own, so the result of a
-row never depends on the other rows of the batch. The padding-invariant beam
-searcher installs it on its CTC scorers (:func:`vectorize_ctc_scorers`); the
-stock searcher keeps the stock one.
+max) + exp(b - max))``; the tests bound the difference); each row is
+computed on its own, so a row's result never depends on the other rows of
+the batch. The padding-invariant beam searcher installs it on its CTC scorers
+(:func:`vectorize_ctc_scorers`); the stock searcher keeps the stock one.
 """
 
 import torch
