@@ -202,28 +202,27 @@ def conv2d_own_padding(conv, x, lengths, inplace=False):
 # --------------------------------------------------------------------------- #
 # Pooling over time
 # --------------------------------------------------------------------------- #
+def _pool_axis_params(pool):
+    """{axis: (kernel, stride, padding, dilation)} of a SpeechBrain pooling layer, or None."""
+    layer = pool.pool_layer
+    values = (layer.kernel_size, layer.stride, layer.padding, getattr(layer, "dilation", 1))
+
+    def pick(value, i):  # the i-th of a per-axis pair, or the one value of every axis
+        return value[i] if isinstance(value, (tuple, list)) else value
+
+    if isinstance(pool, Pooling1d):  # input_dims=4 pools with (1, k): the last of each pair
+        return {pool.pool_axis: tuple(pick(v, -1) for v in values)}
+    if isinstance(pool, Pooling2d):
+        return {a: tuple(pick(v, i) for v in values) for i, a in enumerate(tuple(pool.pool_axis))}
+    return None
+
+
 def _time_pool_params(pool):
     """(kernel, stride, padding, dilation, ceil_mode) along time, or None."""
-    layer = pool.pool_layer
-    if isinstance(pool, Pooling1d):
-        if pool.pool_axis != 1:
-            return None
-        pick = lambda v: v[-1] if isinstance(v, (tuple, list)) else v  # noqa: E731
-    elif isinstance(pool, Pooling2d):
-        if 1 not in tuple(pool.pool_axis):
-            return None
-        i = tuple(pool.pool_axis).index(1)
-        pick = lambda v: v[i] if isinstance(v, (tuple, list)) else v  # noqa: E731
-    else:
+    params = _pool_axis_params(pool)
+    if params is None or 1 not in params:
         return None
-    dilation = getattr(layer, "dilation", 1)
-    return (
-        pick(layer.kernel_size),
-        pick(layer.stride),
-        pick(layer.padding),
-        pick(dilation),
-        layer.ceil_mode,
-    )
+    return params[1] + (pool.pool_layer.ceil_mode,)
 
 
 def _pool_axes(pool, ndim):
@@ -235,27 +234,13 @@ def _pool_axes(pool, ndim):
     layer = pool.pool_layer
     if not isinstance(layer, (torch.nn.MaxPool1d, torch.nn.MaxPool2d)) or layer.ceil_mode:
         return None
-    pair = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v, v)  # noqa: E731
-    if isinstance(pool, Pooling1d):
-        if isinstance(layer, torch.nn.MaxPool2d):  # input_dims=4: (1, k) over the last axis
-            kernel, stride = pair(layer.kernel_size)[1], pair(layer.stride)[1]
-            padding, dilation = pair(layer.padding)[1], pair(layer.dilation)[1]
-        else:
-            kernel, stride = layer.kernel_size, layer.stride
-            padding, dilation = layer.padding, layer.dilation
-        axes = [(pool.pool_axis % ndim, kernel)]
-        params = [(kernel, stride, padding, dilation)]
-    elif isinstance(pool, Pooling2d) and isinstance(layer, torch.nn.MaxPool2d):
-        axes = [(a % ndim, k) for a, k in zip(pool.pool_axis, pair(layer.kernel_size))]
-        params = zip(
-            pair(layer.kernel_size), pair(layer.stride), pair(layer.padding), pair(layer.dilation)
-        )
-    else:
+    params = _pool_axis_params(pool)
+    if params is None:
         return None
-    for kernel, stride, padding, dilation in params:
+    for kernel, stride, padding, dilation in params.values():
         if stride != kernel or padding != 0 or dilation != 1:
             return None
-    return axes
+    return [(axis % ndim, kernel) for axis, (kernel, *_) in params.items()]
 
 
 def max_pool_tiled(pool, x):
