@@ -1,14 +1,17 @@
 """Busy-machine benchmark: a single-process run alone and beside CPU-bound jobs.
 
-On a shared machine OpenMP threads that spin-wait for each other (libgomp's
-default ``OMP_WAIT_POLICY=ACTIVE`` behaviour) stall whenever another process
-holds one of their cores, and a beam search's many small operations each pay
-for it. The package sets ``OMP_WAIT_POLICY=PASSIVE`` unless the user set the
-variable (``sbtemplate/__init__.py``). This benchmark runs
+On a shared machine OpenMP threads that spin-wait for each other
+(``OMP_WAIT_POLICY=ACTIVE``; libgomp's default spins a while before it sleeps)
+stall whenever another process holds one of their cores, and a beam search's
+many small operations each pay for it. Sleeping threads (``PASSIVE``) have the
+opposite cost on an idle machine: each operation that runs on several threads
+first wakes them. The package sets ``OMP_WAIT_POLICY=PASSIVE`` unless the user
+set the variable (``sbtemplate/__init__.py``). This benchmark runs
 ``python finetune.py finetune.yaml --build_profile='!include:<profile file>' --number_of_epochs=1``
 (fine-tuning and both evaluations) alone and beside ``--hogs`` CPU-bound
-processes, under each wait policy, in interleaved repeats, and prints the
-median wall time of each and the ratio busy / alone.
+processes, with spinning threads, sleeping threads and one thread, in
+interleaved repeats, and prints the median wall time of each and the ratio
+busy / alone.
 
     python -m sbtemplate.benchmarks.busy_machine --profile tiny [--repeats 3] [--hogs 2]
 
@@ -28,14 +31,19 @@ from pathlib import Path
 from sbtemplate.profiles import profile_file, profile_names
 
 ROOT = Path(__file__).resolve().parents[2]
-POLICIES = ("ACTIVE", "PASSIVE")
+#: Each setting's environment; the thread count is finetune.py's default unless set.
+SETTINGS = {
+    "ACTIVE": {"OMP_WAIT_POLICY": "ACTIVE"},
+    "PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE"},
+    "1 thread": {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1"},
+}
 HOG = "while True: pass"
 
 
-def timed_run(profile, policy, output_folder):
-    """Wall seconds of one single-process fine-tuning run under ``policy``."""
-    env = {**os.environ, "OMP_WAIT_POLICY": policy}
-    env.pop("OMP_NUM_THREADS", None)  # the default thread count, as a user runs it
+def timed_run(profile, setting, output_folder):
+    """Wall seconds of one single-process fine-tuning run under ``setting``."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    env.update(SETTINGS[setting])  # otherwise the default thread count, as a user runs it
     cmd = [
         sys.executable,
         "finetune.py",
@@ -49,44 +57,44 @@ def timed_run(profile, policy, output_folder):
     seconds = time.monotonic() - started
     if done.returncode != 0:
         raise RuntimeError(
-            f"{' '.join(cmd)} failed under OMP_WAIT_POLICY={policy}:\n{done.stderr[-2000:]}"
+            f"{' '.join(cmd)} failed under {SETTINGS[setting]}:\n{done.stderr[-2000:]}"
         )
     return seconds
 
 
 def measure(profile, repeats, hogs):
-    """``{policy: {"alone": [s...], "busy": [s...]}}``, conditions interleaved."""
-    times = {policy: {"alone": [], "busy": []} for policy in POLICIES}
+    """``{setting: {"alone": [s...], "busy": [s...]}}``, conditions interleaved."""
+    times = {setting: {"alone": [], "busy": []} for setting in SETTINGS}
     with tempfile.TemporaryDirectory() as scratch:
         for repeat in range(repeats):
             for condition in ("alone", "busy"):
-                for policy in POLICIES:
+                for setting in SETTINGS:
                     procs = (
                         [subprocess.Popen([sys.executable, "-c", HOG]) for _ in range(hogs)]
                         if condition == "busy"
                         else []
                     )
                     try:
-                        out = Path(scratch) / f"{policy}-{condition}-{repeat}"
-                        times[policy][condition].append(timed_run(profile, policy, out))
+                        out = Path(scratch) / f"{setting.replace(' ', '-')}-{condition}-{repeat}"
+                        times[setting][condition].append(timed_run(profile, setting, out))
                     finally:
                         for proc in procs:
                             proc.kill()
                             proc.wait()
                     print(
-                        f"repeat {repeat + 1}/{repeats} {condition:5} {policy:7} "
-                        f"{times[policy][condition][-1]:.1f} s",
+                        f"repeat {repeat + 1}/{repeats} {condition:5} {setting:8} "
+                        f"{times[setting][condition][-1]:.1f} s",
                         flush=True,
                     )
     return times
 
 
 def report(times, hogs):
-    """Medians, spreads and the busy / alone ratio of each policy."""
+    """Medians, spreads and the busy / alone ratio of each setting."""
     rows = {}
-    for policy, cond in times.items():
+    for setting, cond in times.items():
         alone, busy = statistics.median(cond["alone"]), statistics.median(cond["busy"])
-        rows[policy] = {
+        rows[setting] = {
             "alone_s": alone,
             "busy_s": busy,
             "busy_over_alone": busy / alone,
@@ -97,14 +105,16 @@ def report(times, hogs):
         f"\nOne process of finetune.py, 1 epoch, alone and beside {hogs} CPU-bound processes "
         f"(median of {len(times['PASSIVE']['alone'])}; all runs in brackets):"
     )
-    for policy, row in rows.items():
+    for setting, row in rows.items():
         print(
-            f"  OMP_WAIT_POLICY={policy:7}: alone {row['alone_s']:.1f} s {_all(row['alone_all'])}, busy "
+            f"  {setting:8}: alone {row['alone_s']:.1f} s {_all(row['alone_all'])}, busy "
             f"{row['busy_s']:.1f} s {_all(row['busy_all'])}: {row['busy_over_alone']:.2f}x"
         )
-    print(
-        f"  busy, PASSIVE / ACTIVE: {rows['PASSIVE']['busy_s'] / rows['ACTIVE']['busy_s']:.2f}x the time"
-    )
+    for setting in ("PASSIVE", "1 thread"):
+        print(
+            f"  {setting} / ACTIVE: alone {rows[setting]['alone_s'] / rows['ACTIVE']['alone_s']:.2f}x, "
+            f"busy {rows[setting]['busy_s'] / rows['ACTIVE']['busy_s']:.2f}x the time"
+        )
     return rows
 
 
@@ -113,7 +123,7 @@ def _all(values):
 
 
 def main(argv=None):
-    """Command line: time the run alone and busy under each OMP wait policy, print the ratios."""
+    """Command line: time the run alone and busy under each setting, print the ratios."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--profile", default="tiny", choices=profile_names())
     parser.add_argument("--repeats", type=int, default=3)

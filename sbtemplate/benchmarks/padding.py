@@ -397,6 +397,7 @@ def run(
         "model": kind,
         "model_dir": str(model_dir) if kind == "trained" else None,
         "threads": threads,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "beam_size": beam_size,
         "repeats": repeats,
         "device": os.environ.get("SBTEMPLATE_DEVICE", "cpu"),
@@ -464,7 +465,8 @@ def format_table(fig):
     recognizers = list(first["utterances_per_second"])
     lines = [
         f"Decoding benchmark: profile {fig['profile']} ({fig['model']} model), "
-        f"{fig['threads']} thread(s), {fig['repeats']} timed runs each, device {fig['device']}, "
+        f"{fig['threads']} thread(s) (OMP_WAIT_POLICY={fig.get('omp_wait_policy')}), "
+        f"{fig['repeats']} timed runs each, device {fig['device']}, "
         f"torch {fig['torch']}, speechbrain {fig['speechbrain']}",
         "utt/s: utterances per second of CPU time (median, min-max); same: hypotheses "
         "identical to the recognizer's own bs1; *_file: batches in file order; "
