@@ -9,8 +9,9 @@ for each other stall whenever another process holds one of their cores
 (``python -m sbtemplate.benchmarks.busy_machine`` measures it). The price is
 paid on an idle machine by many small operations on several threads, which
 each wake sleeping threads: decoding on two threads is then slower than on
-one (docs/benchmarks.md, threads in decoding). The OpenMP runtime reads the variable once, when torch is first imported, so the
-scripts import this package before torch.
+one (docs/benchmarks.md, threads in decoding). The OpenMP runtime reads the
+variable once, when torch is first imported, so the scripts import this
+package before torch.
 """
 
 import os
