@@ -34,7 +34,10 @@ import torch
 from speechbrain.dataio.dataio import length_to_mask, read_audio
 from speechbrain.utils.metric_stats import ErrorRateStats
 
-from sbtemplate import run_setup
+from sbtemplate import finetune_eval as fe
+from sbtemplate import outcome_checks as oc
+from sbtemplate import run_lock, run_setup
+from sbtemplate.audio_check import check_audio_format
 from sbtemplate.base_recognizer import lm_text_dataset, read_text_split
 from sbtemplate.ddp_dynamic_batching import (
     DistributedDynamicBatchSampler,
@@ -56,7 +59,10 @@ STAGE = {"now": "set-up"}
 
 def speech_test_set(hparams):
     """The speech test set: the manifest read with SpeechBrain's ``{data_root}``
-    replacement, its first ``test_limit`` ids, ``sig`` read with read_audio."""
+    replacement, its first ``test_limit`` ids, ``sig`` read with read_audio;
+    its entries ``{id: entry}``, and the audio check's line. Unusable audio (missing, undecodable,
+    another rate or channel count) is refused here, and what SpeechBrain
+    reads must be the samples soundfile reads."""
     test = sb.dataio.dataset.DynamicItemDataset.from_json(
         hparams["test_annotation"], replacements={"data_root": hparams["data_root"]}
     )
@@ -69,7 +75,9 @@ def speech_test_set(hparams):
 
     sb.dataio.dataset.add_dynamic_item([test], audio_pipeline)
     sb.dataio.dataset.set_output_keys([test], ["id", "sig", "words"])
-    return test
+    entries = {utt_id: test.data[utt_id] for utt_id in test.data_ids}
+    check_audio_format(entries, hparams["test_annotation"], hparams["sample_rate"])
+    return test, entries, oc.check_audio(entries)
 
 
 def text_sets(hparams, tokenizer):
@@ -88,11 +96,6 @@ def text_sets(hparams, tokenizer):
     }
 
 
-def entries_of(dataset):
-    """``{id: entry}`` of a dataset (``wav`` resolved), what the audio check reads."""
-    return {utt_id: dataset.data[utt_id] for utt_id in dataset.data_ids}
-
-
 # --------------------------------------------------------------------------
 # The Brain
 
@@ -108,9 +111,15 @@ class LMFineTuneBrain(DDPEvalMixin, sb.Brain):
     :class:`~sbtemplate.distributed.DDPEvalMixin`.
     """
 
-    def __init__(self, *args, tokenizer=None, **kwargs):
+    def __init__(self, *args, tokenizer=None, train_text=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.tokenizer = tokenizer
+        self.train_text = train_text  # the training sentences: ids to see, probe batches
+        self.outcomes = []  # one line per outcome check passed (sbtemplate.outcome_checks)
+        self.batches_ran = 0
+        self._probing = False
+        self.resumed = None  # the line of the checkpoint this run resumed from
+        self._resumed_epoch = None
         self.epoch_records = []
         self._decoding = False
         self._report_to = (None, "test")
@@ -205,19 +214,51 @@ class LMFineTuneBrain(DDPEvalMixin, sb.Brain):
         self.nll_sum += float(total.detach())
         self.token_count += int(count.item())
         self.seen_ids.extend(batch.id)
+        self.batches_ran += 1
         return total / count
 
     def on_stage_start(self, stage, epoch=None):
         """Reset the stage's NLL sum, token count and id ledger; a WER metric if decoding."""
         self.nll_sum, self.token_count, self.seen_ids = 0.0, 0, []
+        self.batches_ran = 0
         self._result = None
         if self._asr_stage(stage):
             self.wer_metric = ErrorRateStats()
 
+    def on_fit_start(self):
+        """SpeechBrain's (DDP wrapping, optimizer, resuming), then an outcome check:
+        a resumed run starts from the newest checkpoint; a fresh one takes two
+        optimizer steps that must equal Adam's computed from fresh gradients."""
+        super().on_fit_start()
+        resumed = oc.check_resumed_from_newest(
+            self.checkpointer.checkpoints_dir, self.lm, self.hparams.epoch_counter
+        )
+        if resumed is not None:
+            line, end_of_epoch = resumed
+            self.resumed = line
+            if not end_of_epoch:  # this epoch goes on from where it stopped
+                self._resumed_epoch = int(self.hparams.epoch_counter.current) + 1
+            self.outcomes.append(line)
+            return
+        size = 4
+        items = [self.train_text[i] for i in range(2 * size)]
+        self._probing, step = True, self.optimizer_step
+        try:
+            line = oc.check_optimizer_steps(
+                self.fit_batch,
+                self.lm,
+                self.optimizer,
+                [items[:size], items[size:]],
+                self.max_grad_norm,
+            )
+        finally:
+            self._probing, self.optimizer_step = False, step
+        self.outcomes.append(line)
+
     def on_fit_batch_end(self, batch, outputs, loss, should_step):
         """``stop_after_steps``: save an intra-epoch checkpoint and stop, as a preempted job."""
         stop = getattr(self.hparams, "stop_after_steps", None)
-        if stop and should_step and self.optimizer_step == int(stop):
+        if stop and not self._probing and should_step and self.optimizer_step == int(stop):
             self._save_intra_epoch_ckpt()
             raise run_setup.TrainingInterrupted(
                 f"stopped after {self.optimizer_step} optimizer steps (stop_after_steps);"
@@ -253,8 +294,15 @@ class LMFineTuneBrain(DDPEvalMixin, sb.Brain):
     def gather_lm_stats(self, stage_name):
         """Corpus perplexity over all ranks (summed NLL / summed tokens) and the ledger."""
         rank, world = rank_and_world_size()
+        promised = len(self.train_sampler) if stage_name == "TRAIN" and self.train_sampler else None
         gathered = self._exchange(
-            {"nll": self.nll_sum, "tokens": self.token_count, "ids": list(self.seen_ids)},
+            {
+                "nll": self.nll_sum,
+                "tokens": self.token_count,
+                "ids": list(self.seen_ids),
+                "batches": self.batches_ran,
+                "promised": promised,
+            },
             what=f"{stage_name} perplexity",
         )
         expected = None
@@ -282,10 +330,21 @@ class LMFineTuneBrain(DDPEvalMixin, sb.Brain):
                 for r, g in enumerate(gathered)
             ],
             "world_size": world,
+            "ids_per_rank": [g["ids"] for g in gathered],
+            "batches_per_rank": [g["batches"] for g in gathered],
+            "promised_per_rank": [g["promised"] for g in gathered],
         }
 
     def _end_train_epoch(self, epoch):
         stats = self.gather_lm_stats("TRAIN")
+        partial = self._resumed_epoch == epoch
+        what = f"training epoch {epoch}" + (" (resumed)" if partial else "")
+        line = oc.check_seen_once(
+            stats["ids_per_rank"], self.train_text.data_ids, what, partial=partial
+        )
+        if not partial and self.train_sampler is not None:
+            oc.check_batch_counts(stats["batches_per_rank"], stats["promised_per_rank"], what)
+        self.outcomes.append(line)
         rank, world = rank_and_world_size()
         # Before VALID broadcasts rank 0's state: these must agree on their own.
         digests = self._exchange(state_digest(self.lm), what="LM weight check")
@@ -339,31 +398,95 @@ class LMFineTuneBrain(DDPEvalMixin, sb.Brain):
 
 
 def run(hparams_file, run_opts, overrides):
-    """Load, fetch, fine-tune and evaluate, as finetune.yaml says; the results."""
-    from sbtemplate import finetune_eval as fe
-    from sbtemplate import run_lock
-    from sbtemplate.audio_check import check_audio_format
+    """Load, fetch, fine-tune and evaluate, as finetune.yaml says; the results.
 
+    Every phase ends with outcome checks (sbtemplate.outcome_checks): what it
+    produced against an independent computation. A failed one raises
+    ``OutcomeError`` naming the seam and the module at fault.
+    """
     timings, started = {}, time.time()
     # 1. Hyperparameters, loaded once (a misspelt override fails here, on every
-    #    rank). In loopback mode, loading starts the Hub and URL servers.
+    #    rank; loopback servers start); the process group; the Hub client.
     hparams = run_setup.load_hparams(hparams_file, overrides)
-
-    # 2. The process group (one timeout on every collective), then the Hub
-    #    client pointed where the file says.
     run_setup.init_distributed(run_opts, hparams["collective_timeout_s"])
-    rank, world = rank_and_world_size()
     endpoints = fetching.use_endpoints(hparams, cache_dir=hparams["fetch_cache"])
 
-    # 3. Data preparation: unusable test audio (missing, undecodable, another
-    #    sample rate or channel count) is reported now, on every rank, before
-    #    any training.
-    test_set = speech_test_set(hparams)
-    test_entries = entries_of(test_set)
-    check_audio_format(test_entries, hparams["test_annotation"], hparams["sample_rate"])
-    # One run per output folder: rank 0 locks it, every rank learns the outcome.
+    # 2. Data preparation: unusable test audio is reported now, on every rank,
+    #    before any training; then one run per output folder.
+    test_set, test_entries, audio_checked = speech_test_set(hparams)
+    lock_output_folder(hparams, hparams_file, overrides)
+    announce(hparams, run_opts, endpoints)
+
+    # 3. Fetch (rank 0 downloads, the others wait) and load the recognizer;
+    #    every module must hold the file fetched for it.
+    STAGE["now"] = "fetching the recognizer"
+    outcomes = fetch_and_load(hparams)
+    text = text_sets(hparams, hparams["tokenizer"])
+
+    # 4. The Brain: the LM trains, the ASR modules are frozen beside it.
+    brain, loaders = build_brain(hparams, run_opts, text)
+    brain.outcomes = [audio_checked, *outcomes, *brain.outcomes]
+    results = new_results(hparams, run_opts, brain)
+    timings["setup_s"] = time.time() - started
+
+    # 5. Before fine-tuning: perplexities and WER with the base LM.
+    STAGE["now"] = "evaluation with the base LM"
+    t = time.time()
+    results["perplexity"]["base"] = perplexities(brain, text, loaders)
+    check_lm_in_decoding(brain, hparams, test_set)
+    base_report = None
+    if hparams["evaluate_base"]:
+        base_report = brain.decode_test_set(
+            test_set, loaders["test"], Path(hparams["eval_folder"]), "test_base_lm"
+        )
+        results["wer"]["base_lm"] = base_report.wer
+    timings["base_eval_s"] = time.time() - t
+
+    # 6. Fine-tune the LM (resumes from the last checkpoint if interrupted),
+    #    then recover the best checkpoint by valid perplexity.
+    STAGE["now"] = "fine-tuning"
+    t = time.time()
+    brain.fit(
+        hparams["epoch_counter"],
+        text["train"],
+        text["valid"],
+        train_loader_kwargs=loaders["train"],
+        valid_loader_kwargs=loaders["valid"],
+    )
+    timings["fit_s"] = time.time() - t
+    tuned_lm = recover_best_lm(brain, hparams)
+
+    # 7. After: perplexities, then the test set through every evaluation path.
+    STAGE["now"] = "evaluation with the fine-tuned LM"
+    t = time.time()
+    results["perplexity"]["finetuned"] = perplexities(brain, text, loaders)
+    check_lm_in_decoding(brain, hparams, test_set)
+    reports = finetuned_evaluation(
+        brain, hparams, run_opts, test_set, test_entries, loaders, tuned_lm
+    )
+    timings["finetuned_eval_s"] = time.time() - t
+
+    # 8. What the run produced, against independent computations.
+    STAGE["now"] = "the final checks"
+    failure = final_checks(brain, hparams, results, base_report, reports, tuned_lm)
+    results["timings"] = timings
+    if rank_and_world_size()[0] == 0:
+        fe.write_json(Path(hparams["output_folder"]) / "results.json", results)
+        print_summary(results)
+    if failure is not None:
+        raise failure
+    return results
+
+
+# --------------------------------------------------------------------------
+# The phases
+
+
+def lock_output_folder(hparams, hparams_file, overrides):
+    """One run per output folder: rank 0 locks it, every rank learns the outcome;
+    then SpeechBrain's experiment folder (the YAML and overrides saved)."""
     busy = None
-    if rank == 0:
+    if rank_and_world_size()[0] == 0:
         try:
             run_lock.hold_output_folder(hparams["output_folder"])
         except run_lock.OutputFolderInUse as error:
@@ -376,22 +499,33 @@ def run(hparams_file, run_opts, overrides):
         hyperparams_to_save=hparams_file,
         overrides=overrides,
     )
-    main = rank == 0
-    if main:
+
+
+def announce(hparams, run_opts, endpoints):
+    """One line on rank 0: what is fine-tuned, where, from which endpoints."""
+    rank, world = rank_and_world_size()
+    if rank == 0:
+        backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else "-"
         print(
             f"Fine-tuning the LM of {hparams['repo_id']} ({hparams['profile']} profile) on "
-            f"{world} rank(s), backend {torch.distributed.get_backend() if torch.distributed.is_initialized() else '-'}, "
-            f"device {run_opts.device}; {endpoints}",
+            f"{world} rank(s), backend {backend}, device {run_opts.device}; {endpoints}",
             flush=True,
         )
 
-    # 4. Fetch (rank 0 downloads, the others wait) and load the recognizer.
-    STAGE["now"] = "fetching the recognizer"
-    fetching.collect_pretrained(hparams)
-    tokenizer = hparams["tokenizer"]
-    text = text_sets(hparams, tokenizer)
 
-    # 5. The Brain: the LM trains, the ASR modules are frozen beside it.
+def fetch_and_load(hparams):
+    """Collect and load the Pretrainers; every loadable must hold the file
+    fetched for it, and each file the bytes the published manifest lists."""
+    fetching.collect_pretrained(hparams)
+    digests = oc.published_digests(hparams["local_repo"])
+    lines = []
+    for key in fetching.PRETRAINER_KEYS:
+        lines += oc.check_pretrainer_loaded(hparams[key], digests)
+    return [f"loaded = fetched files: {'; '.join(lines)}"]
+
+
+def build_brain(hparams, run_opts, text):
+    """The Brain (LM trainable, ASR modules frozen) and the loaders' arguments."""
     modules = {
         "lm": hparams["lm_model"],
         "asr": freeze(hparams["asr_model"]),  # ModuleList(enc, emb, dec, ctc_lin, seq_lin)
@@ -403,112 +537,142 @@ def run(hparams_file, run_opts, overrides):
         hparams=hparams,
         run_opts=run_opts,
         checkpointer=hparams["checkpointer"],
-        tokenizer=tokenizer,
+        tokenizer=hparams["tokenizer"],
+        train_text=text["train"],
     )
     train_sampler = train_batch_sampler(
         text["train"], hparams["train_dynamic_batching"], hparams["seed"]
     )
-    train_kwargs = {"batch_sampler": train_sampler}
-    valid_kwargs = {
-        "batch_sampler": eval_batch_sampler(text["valid"], hparams["valid_dynamic_batching"])
+    loaders = {
+        "train": {"batch_sampler": train_sampler},
+        "test": {"batch_size": hparams["test_batch_size"]},
     }
-    general_kwargs = {
-        "batch_sampler": eval_batch_sampler(text["general"], hparams["valid_dynamic_batching"])
-    }
-    test_kwargs = {"batch_size": hparams["test_batch_size"]}
-    if main:
+    for name in ("valid", "general"):
+        sampler = eval_batch_sampler(text[name], hparams["valid_dynamic_batching"])
+        loaders[name] = {"batch_sampler": sampler}
+    if rank_and_world_size()[0] == 0:
         for line in train_sampler.describe():
             print(f"[train batching, epoch 0] {line}", flush=True)
+    brain.frozen_before = brain.frozen_digests()
+    brain.base_lm = brain.lm_state()
+    return brain, loaders
 
-    frozen_before = brain.frozen_digests()
-    base_lm = brain.lm_state()
-    base_digest = state_digest(brain.lm)
+
+def new_results(hparams, run_opts, brain):
+    """The results record, filled as the run goes."""
     backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else None
-    results = {
+    return {
         "profile": hparams["profile"],
-        "world_size": world,
+        "world_size": rank_and_world_size()[1],
         "device": str(run_opts.device),
         "backend": backend,
         "perplexity": {},
         "wer": {},
+        "base_lm_digest": state_digest(brain.lm),
     }
-    eval_dir = Path(hparams["eval_folder"])
-    timings["setup_s"] = time.time() - started
 
-    # 6. Before fine-tuning: perplexities and WER with the base LM.
-    STAGE["now"] = "evaluation with the base LM"
-    t = time.time()
-    results["perplexity"]["base"] = {
-        "target_valid": brain.lm_perplexity(text["valid"], valid_kwargs)["perplexity"],
-        "general_valid": brain.lm_perplexity(text["general"], general_kwargs)["perplexity"],
+
+def perplexities(brain, text, loaders):
+    """The current LM's perplexity on held-out target and general text."""
+    return {
+        "target_valid": brain.lm_perplexity(text["valid"], loaders["valid"])["perplexity"],
+        "general_valid": brain.lm_perplexity(text["general"], loaders["general"])["perplexity"],
     }
-    if hparams["evaluate_base"]:
-        report = brain.decode_test_set(test_set, test_kwargs, eval_dir, "test_base_lm")
-        results["wer"]["base_lm"] = report.wer
-    timings["base_eval_s"] = time.time() - t
 
-    # 7. Fine-tune the LM (resumes from the last checkpoint if interrupted).
-    STAGE["now"] = "fine-tuning"
-    t = time.time()
-    brain.fit(
-        hparams["epoch_counter"],
-        text["train"],
-        text["valid"],
-        train_loader_kwargs=train_kwargs,
-        valid_loader_kwargs=valid_kwargs,
+
+def check_lm_in_decoding(brain, hparams, test_set, utterances=4):
+    """The LM takes part in decoding: the scorer scores with it, and its weight
+    changes the search's scores on a few test utterances."""
+    search = hparams["test_search"]
+    brain.outcomes.append(oc.check_lm_scores(search, brain.lm, hparams["bos_index"], brain.device))
+    items = [test_set[i] for i in range(min(utterances, len(test_set)))]
+    wavs, wav_lens = sb.dataio.batch.PaddedBatch(items).to(brain.device).sig
+    brain.outcomes.append(
+        oc.check_lm_weight_matters(search, hparams["test_encoder"], wavs, wav_lens)
     )
-    timings["fit_s"] = time.time() - t
+
+
+def recover_best_lm(brain, hparams):
+    """Recover the checkpoint with the lowest valid perplexity (checked against
+    the CKPT.yaml files), check every rank holds it, export it; its state."""
     brain.checkpointer.recover_if_possible(min_key="valid_perplexity")
+    values = [r["valid_perplexity"] for r in brain.epoch_records if "valid_perplexity" in r]
+    brain.outcomes.append(
+        oc.check_recovered_best(
+            hparams["save_folder"], brain.lm, "valid_perplexity", values, brain.resumed is None
+        )
+    )
     tuned_lm = brain.lm_state()
-    final_digests = exchange(
+    digests = exchange(
         state_digest(brain.lm), group=brain.ddp_eval_group, what="fine-tuned LM check"
     )
-    if len(set(final_digests)) != 1:
-        raise RuntimeError(f"the ranks hold different fine-tuned LMs: {final_digests}")
-    if main:
+    if len(set(digests)) != 1:
+        raise RuntimeError(f"the ranks hold different fine-tuned LMs: {digests}")
+    brain.finetuned_digest = digests[0]
+    if rank_and_world_size()[0] == 0:
         fe.export_finetuned_model(
             hparams["local_repo"], Path(hparams["output_folder"]) / "finetuned_model", tuned_lm
         )
+    return tuned_lm
 
-    # 8. After: perplexities, then the test set through both evaluation paths.
-    STAGE["now"] = "evaluation with the fine-tuned LM"
-    t = time.time()
-    results["perplexity"]["finetuned"] = {
-        "target_valid": brain.lm_perplexity(text["valid"], valid_kwargs)["perplexity"],
-        "general_valid": brain.lm_perplexity(text["general"], general_kwargs)["perplexity"],
-    }
+
+def finetuned_evaluation(brain, hparams, run_opts, test_set, test_entries, loaders, tuned_lm):
+    """The test set decoded with the fine-tuned LM: the Brain's evaluate(), then
+    the pretrained interface (its loaded modules checked against their files)
+    with each audio reader. ``{path name: EvalReport}``."""
     reports = {}
-    if hparams["evaluate_finetuned"]:
-        reports["brain"] = brain.decode_test_set(
-            test_set, test_kwargs, eval_dir, "test_finetuned_brain"
+    if not hparams["evaluate_finetuned"]:
+        return reports
+    eval_dir = Path(hparams["eval_folder"])
+    reports["brain"] = brain.decode_test_set(
+        test_set, loaders["test"], eval_dir, "test_finetuned_brain"
+    )
+    if not hparams["interface_readers"]:
+        return reports
+    asr = fe.load_interface(
+        hparams["interface_source"],
+        Path(hparams["output_folder"]) / "interface",
+        hparams["decoding_overrides"],
+        run_opts.device,
+    )
+    lines = oc.check_pretrainer_loaded(
+        asr.hparams.pretrainer, oc.published_digests(hparams["local_repo"])
+    )
+    brain.outcomes.append(f"interface loaded = fetched files: {'; '.join(lines)}")
+    fe.swap_lm(asr, tuned_lm)
+    brain.outcomes.append(
+        oc.check_lm_scores(asr.mods.decoder, asr.mods.lm_model, hparams["bos_index"], brain.device)
+    )
+    if hparams["padding_invariant"]:  # a repo naming SpeechBrain's own classes
+        make_padding_invariant(asr)
+    for reader in hparams["interface_readers"]:
+        reports[f"interface_{reader}"] = fe.interface_evaluation(
+            asr,
+            test_entries,
+            reader,
+            hparams["test_batch_size"],
+            brain.ddp_eval_group,
+            eval_dir,
+            f"test_finetuned_interface_{reader}",
         )
-        if hparams["interface_readers"]:
-            asr = fe.load_interface(
-                hparams["interface_source"],
-                Path(hparams["output_folder"]) / "interface",
-                hparams["decoding_overrides"],
-                run_opts.device,
-                lm_state=tuned_lm,
-            )
-            if hparams["padding_invariant"]:  # a repo naming SpeechBrain's own classes
-                make_padding_invariant(asr)
-            for reader in hparams["interface_readers"]:
-                reports[f"interface_{reader}"] = fe.interface_evaluation(
-                    asr,
-                    test_entries,
-                    reader,
-                    hparams["test_batch_size"],
-                    brain.ddp_eval_group,
-                    eval_dir,
-                    f"test_finetuned_interface_{reader}",
-                )
-    timings["finetuned_eval_s"] = time.time() - t
+    return reports
 
-    # 9. Checks: frozen ASR on every rank, LM moved, paths agree.
-    STAGE["now"] = "the final checks"
+
+def test_references(hparams):
+    """``{id: words}`` of the test set read straight from its manifest (the
+    first ``test_limit`` ids), what every WER is recounted against."""
+    references = oc.references_of(hparams["test_annotation"])
+    ids = sorted(references)[: hparams["test_limit"]]
+    return {i: references[i] for i in ids}
+
+
+def final_checks(brain, hparams, results, base_report, reports, tuned_lm):
+    """Fill ``results`` with the checks of what the run produced; raise the
+    first that failed (after the results are written: see :func:`run`)."""
+    rank, _world = rank_and_world_size()
     frozen_after = brain.frozen_digests()
     per_rank = exchange(
-        {"rank": rank, "before": frozen_before, "after": frozen_after},
+        {"rank": rank, "before": brain.frozen_before, "after": frozen_after},
         group=brain.ddp_eval_group,
         what="frozen check",
     )
@@ -517,14 +681,15 @@ def run(hparams_file, run_opts, overrides):
         "ranks_agree": all(r["after"] == per_rank[0]["after"] for r in per_rank),
         "per_rank": per_rank,
     }
+    base_lm = brain.base_lm
     results["lm"] = {
-        "base_digest": base_digest,
-        "finetuned_digest": final_digests[0],
-        "changed": final_digests[0] != base_digest,
+        "base_digest": results.pop("base_lm_digest"),
+        "finetuned_digest": brain.finetuned_digest,
         "max_abs_change": max(
             float((tuned_lm[k].float() - base_lm[k].float()).abs().max()) for k in base_lm
         ),
     }
+    results["lm"]["changed"] = results["lm"]["finetuned_digest"] != results["lm"]["base_digest"]
     results["epochs"] = brain.epoch_records
     if reports:
         identical, differing = fe.compare_hypotheses(reports)
@@ -534,26 +699,85 @@ def run(hparams_file, run_opts, overrides):
             "differing_ids": differing,
             "utterances": len(reports["brain"].stats.scores),
             "jiwer_wer": {
-                name: fe.jiwer_wer(r.files["utterances"]) if main else None
+                name: fe.jiwer_wer(r.files["utterances"]) if rank == 0 else None
                 for name, r in reports.items()
             },
             "files": {name: r.files for name, r in reports.items()},
             "per_rank": {name: r.per_rank for name, r in reports.items()},
         }
-    results["timings"] = timings
-    if main:
-        fe.write_json(Path(hparams["output_folder"]) / "results.json", results)
-        print_summary(results)
-    problems = []
+    try:
+        outcome_checks(brain, hparams, results, base_report, reports)
+        failure = None
+    except Exception as error:  # noqa: BLE001 - raised by run() once the results are written
+        failure = error
+    results["outcome_checks"] = {"passed": list(brain.outcomes), "failed": str(failure or "")}
+    return failure
+
+
+def outcome_checks(brain, hparams, results, base_report, reports):
+    """The run's results against independent computations (sbtemplate.outcome_checks)."""
+    add = brain.outcomes.append
+    lines = oc.check_pretrainer_loaded(hparams["pretrainer_asr"])
+    add(f"after fine-tuning, ASR modules = fetched files: {'; '.join(lines)}")
     if not results["frozen"]["unchanged_on_every_rank"]:
-        problems.append("an ASR module changed during LM fine-tuning")
-    if not results["lm"]["changed"]:
-        problems.append("the LM did not change")
+        raise oc.OutcomeError(
+            "fine-tuning step",
+            "an ASR module changed during LM fine-tuning",
+            "sbtemplate.frozen / speechbrain.core (Brain.fit)",
+        )
+    ppl = results["perplexity"]
+    before, after = ppl["base"]["target_valid"], ppl["finetuned"]["target_valid"]
+    if not (results["lm"]["changed"] and after < before):
+        raise oc.OutcomeError(
+            "fine-tuning step",
+            f"held-out target text perplexity did not fall ({before:.3f} -> {after:.3f})",
+            "speechbrain.core (Brain.fit / fit_batch)",
+        )
+    add(f"held-out target perplexity fell: {before:.3f} -> {after:.3f}")
+    references = test_references(hparams)
+    named = ([("base LM", base_report)] if base_report else []) + [
+        (f"fine-tuned LM, {n}", r) for n, r in reports.items()
+    ]
+    for what, report in named:
+        hyps = {
+            str(s["key"]): " ".join(map(str, s.get("hyp_tokens") or []))
+            for s in report.stats.scores
+        }
+        add(oc.check_wer(report.summary, hyps, references, what))
+    quality_bounds(brain, hparams, results, base_report, reports)
     if reports and not results["paths"]["identical_hypotheses"]:
-        problems.append(f"evaluation paths disagree on {results['paths']['differing_ids'][:10]}")
-    if problems:
-        raise RuntimeError("; ".join(problems))
-    return results
+        raise RuntimeError(f"evaluation paths disagree on {results['paths']['differing_ids'][:10]}")
+
+
+def quality_bounds(brain, hparams, results, base_report, reports):
+    """The base LM decodes as well as the build recorded (whole test set, as
+    published); the fine-tuned LM is not worse than the base."""
+    add = brain.outcomes.append
+    recorded = hparams["recorded_wer"]
+    complete = hparams["test_limit"] is None and hparams["max_decode_ratio"] >= 1.0
+    if base_report and recorded is not None and complete:
+        bound = oc.wer_bound(recorded, hparams["wer_tolerance"])
+        add(
+            oc.check_quality(
+                base_report.wer,
+                bound,
+                f"base LM (recorded {recorded:.2f}%)",
+                "LM in decoding",
+                "speechbrain.decoders / speechbrain.utils.parameter_transfer",
+            )
+        )
+    slack = hparams["wer_tolerance"]["finetuned_points"]
+    if base_report and "brain" in reports and slack is not None:
+        bound = base_report.wer + float(slack)
+        add(
+            oc.check_quality(
+                reports["brain"].wer,
+                bound,
+                "fine-tuned LM against the base",
+                "fine-tuning step",
+                "speechbrain.core (Brain.fit) / speechbrain.utils.checkpoints",
+            )
+        )
 
 
 def print_summary(results):
@@ -590,6 +814,14 @@ def print_summary(results):
         f" {frozen['unchanged_on_every_rank']}; LM changed: {results['lm']['changed']}"
         f" (max |delta| {results['lm']['max_abs_change']:.3g})"
     )
+    checks = results.get("outcome_checks", {})
+    if checks:
+        failed = checks["failed"]
+        lines.append(
+            f"Outcome checks (sbtemplate.outcome_checks): {len(checks['passed'])} passed"
+            + (f"; FAILED: {failed}" if failed else "")
+        )
+        lines += [f"  ok: {line}" for line in checks["passed"]]
     for record in results["epochs"]:
         lines.append(
             f"epoch {record['epoch']}: train ppl {record['train_perplexity']:.3f},"
@@ -635,8 +867,8 @@ def main(argv=None):
             )
             return run_setup.EXIT_FAILED
         run_setup.report(f"rank {rank}: ERROR: {type(exc).__name__}: {exc}")
-        if not isinstance(exc, run_setup.INPUT_ERRORS):
-            traceback.print_exc()  # not an input error: where it happened matters
+        if not isinstance(exc, (*run_setup.INPUT_ERRORS, oc.OutcomeError)):
+            traceback.print_exc()  # not an input error nor a named seam: where it happened matters
         run_setup.failure_barrier(run_opts)
         return run_setup.exit_status(exc)
     finally:
