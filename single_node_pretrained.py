@@ -11,9 +11,13 @@ By default the Hub is the project's loopback Hub server publishing the
 profile's recognizer (sbtemplate.servers); ``--fetch_endpoints=public`` uses
 huggingface.co instead (see docs/fetching.md). The settings are
 single_node_pretrained.yaml's; SpeechBrain's arguments (``--device``) apply.
-Prints what was fetched from where and the transcripts; exits 0 when all is
-well, 1 when a check fails and 2 when the profile is not built or fetching
-fails (one clear message).
+Prints what was fetched from where and the transcripts, then checks the
+outcome against independent computations (sbtemplate.outcome_checks): the
+loaded modules hold the fetched files, the LM takes part in decoding, and the
+test set's WER, counted here, is within the bound of the WER the build
+recorded. Exits 0 when all is well, 1 when a check fails (one line naming the
+seam) and 2 when the profile is not built or fetching fails (one clear
+message).
 
     python single_node_pretrained.py single_node_pretrained.yaml \
         --build_profile='!include:sbtemplate/hparams/profiles/tiny.yaml'
@@ -28,6 +32,7 @@ from pathlib import Path
 # Configures the Hub endpoint before anything imports huggingface_hub.
 from sbtemplate import fetching  # isort: skip
 
+from sbtemplate import outcome_checks as oc
 from sbtemplate.config_checks import ConfigError
 from sbtemplate.run_setup import EXIT_FAILED, EXIT_INPUT_ERROR, load_hparams, parse_arguments
 
@@ -133,7 +138,73 @@ def run_checks(hparams, device):
     if reference is not None:
         edits, words = word_errors(reference.upper(), text_1.upper())
         print(f"\n  reference : {reference!r}\n  word errors: {edits}/{words}")
+
+    print("\n== Outcome checks (sbtemplate.outcome_checks)")
+    try:
+        for line in outcome_checks(hparams, asr, repo, wav, manifest):
+            print(f"  ok: {line}")
+    except oc.OutcomeError as error:
+        problems.append(str(error))
     return problems
+
+
+def outcome_checks(hparams, asr, repo, wav, manifest):
+    """What case 1 loaded and how it transcribes, against independent
+    computations: the modules against the fetched files and the published
+    digests, the example audio against soundfile, the LM's part in decoding,
+    and the test set's WER, counted here, against the WER the build recorded.
+    One line per check passed; a failed one raises ``OutcomeError``."""
+    import torch
+    from speechbrain.utils.fetching import FetchFrom, FetchSource, fetch
+
+    digests = {name: entry["sha256"] for name, entry in manifest.items()}
+    lines = oc.check_pretrainer_loaded(asr.hparams.pretrainer, digests)
+    example = str(fetch(wav, FetchSource(FetchFrom.HUGGING_FACE, repo)))
+    lines.append(oc.check_audio({wav: {"wav": example}}))
+    search = asr.mods.decoder
+    lines.append(oc.check_lm_scores(search, asr.mods.lm_model, asr.hparams.bos_index, asr.device))
+    wavs = asr.load_audio(example).unsqueeze(0).to(asr.device)
+    lines.append(oc.check_lm_weight_matters(search, asr.encode_batch, wavs, torch.ones(1)))
+    recorded = hparams["recorded_wer"]
+    if recorded is None:
+        lines.append("test set not decoded: no WER recorded for this repo by a build here")
+        return lines
+    hypotheses, summary = transcribe_test_set(asr, hparams)
+    references = oc.references_of(hparams["test_annotation"])
+    lines.append(oc.check_wer(summary, hypotheses, references, "test set"))
+    bound = oc.wer_bound(recorded, hparams["wer_tolerance"])
+    lines.append(
+        oc.check_quality(
+            summary["WER"],
+            bound,
+            f"test set through from_hparams (recorded {recorded:.2f}%)",
+            "fetching/loading",
+            "speechbrain.inference.ASR (EncoderDecoderASR) / speechbrain.decoders",
+        )
+    )
+    return lines
+
+
+def transcribe_test_set(asr, hparams):
+    """``({id: hypothesis}, ErrorRateStats summary)`` of the test set decoded
+    with ``transcribe_batch``, in batches of ``test_batch_size`` by id."""
+    from speechbrain.dataio.batch import PaddedBatch
+    from speechbrain.dataio.dataio import read_audio
+    from speechbrain.utils.metric_stats import ErrorRateStats
+
+    entries = json.loads(Path(hparams["test_annotation"]).read_text())
+    ids, size = sorted(entries), int(hparams["test_batch_size"])
+    stats, hypotheses = ErrorRateStats(), {}
+    for start in range(0, len(ids), size):
+        chunk = ids[start : start + size]
+        paths = [entries[i]["wav"].replace("{data_root}", str(hparams["data_root"])) for i in chunk]
+        wavs, wav_lens = PaddedBatch([{"sig": read_audio(p)} for p in paths]).sig
+        texts, _ = asr.transcribe_batch(wavs, wav_lens)
+        hypotheses.update(zip(chunk, texts))
+        stats.append(
+            chunk, [t.split() for t in texts], [entries[i]["words"].split() for i in chunk]
+        )
+    return hypotheses, stats.summarize()
 
 
 def main(argv=None):

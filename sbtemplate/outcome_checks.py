@@ -357,10 +357,14 @@ def check_wer(summary, hypotheses, references, what):
     return f"{what}: WER {wer:.2f}% = independent count ({edits}/{words})"
 
 
-def recorded_wer(report, split):
-    """The WER a build recorded for ``split`` (its ``build_report.json``); None if unknown."""
+def recorded_wer(report, split, repo):
+    """The WER a build recorded for ``split`` in its ``build_report.json``, if
+    the recognizer at ``repo`` is the one that build published (the folder
+    resolves inside the build's); None if unknown."""
     path = Path(report) if report else None
     if path is None or not path.is_file():
+        return None
+    if not Path(repo).resolve().is_relative_to(path.parent.resolve()):
         return None
     return json.loads(path.read_text()).get("wer", {}).get(split)
 
