@@ -519,8 +519,12 @@ def fetch_and_load(hparams):
     fetching.collect_pretrained(hparams)
     digests = oc.published_digests(hparams["local_repo"])
     lines = []
-    for key in fetching.PRETRAINER_KEYS:
-        lines += oc.check_pretrainer_loaded(hparams[key], digests)
+    for pretrainer in (
+        hparams["pretrainer_asr"],
+        hparams["pretrainer_lm"],
+        hparams["pretrainer_tokenizer"],
+    ):
+        lines += oc.check_pretrainer_loaded(pretrainer, digests, fetching.fetch_log)
     return [f"loaded = fetched files: {'; '.join(lines)}"]
 
 
@@ -635,9 +639,8 @@ def finetuned_evaluation(brain, hparams, run_opts, test_set, test_entries, loade
         hparams["decoding_overrides"],
         run_opts.device,
     )
-    lines = oc.check_pretrainer_loaded(
-        asr.hparams.pretrainer, oc.published_digests(hparams["local_repo"])
-    )
+    digests = oc.published_digests(hparams["local_repo"])
+    lines = oc.check_pretrainer_loaded(asr.hparams.pretrainer, digests, fetching.fetch_log)
     brain.outcomes.append(f"interface loaded = fetched files: {'; '.join(lines)}")
     fe.swap_lm(asr, tuned_lm)
     brain.outcomes.append(

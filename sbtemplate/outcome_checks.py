@@ -36,6 +36,7 @@ SEAMS = (
     "fetching/loading",
     "audio/data",
     "LM in decoding",
+    "decoding",
     "scoring",
     "fine-tuning step",
     "checkpoint/resume",
@@ -145,13 +146,19 @@ def check_loadable_holds_file(name, loadable, path, culprit):
     return f"{name}: {len(expected)} tensors equal"
 
 
-def check_pretrainer_loaded(pretrainer, digests=None, culprit=None):
+def check_pretrainer_loaded(pretrainer, digests=None, fetch_log=(), culprit=None):
     """Every loadable of a collected and loaded Pretrainer holds its file; each
-    file holds the published bytes (``digests``: {file name: sha256}).
+    file holds the published bytes.
 
-    Returns one line per loadable.
+    ``digests``: {published file name: sha256}; ``fetch_log``: the fetch
+    records (``filename`` fetched, ``path`` written), which tell the published
+    name of each collected file (``lm.ckpt`` may come from ``lm_commands.ckpt``).
+    A file no record names is compared by tensors only. One line per loadable.
     """
     culprit = culprit or "speechbrain.utils.parameter_transfer (Pretrainer.load_collected)"
+    published = {}
+    for record in fetch_log:
+        published[Path(record.path).resolve()] = record.filename
     lines = []
     for name, loadable in pretrainer.loadables.items():
         path = Path(pretrainer.paths[name])
@@ -161,19 +168,19 @@ def check_pretrainer_loaded(pretrainer, digests=None, culprit=None):
                 f"{name}: the collected file {path} does not exist",
                 "speechbrain.utils.parameter_transfer (Pretrainer.collect_files)",
             )
-        wanted = (digests or {}).get(Path(str(pretrainer.paths[name])).name) or (digests or {}).get(
-            f"{name}.ckpt"
-        )
+        source_name = published.get(path.resolve())
+        wanted = (digests or {}).get(source_name)
         if wanted is not None:
             got = sha256_of(path)
             if got != wanted:
                 _fail(
                     "fetching/loading",
-                    f"{name}: {path} is not the published file (sha256 {got[:12]},"
+                    f"{name}: {path} is not the published {source_name} (sha256 {got[:12]},"
                     f" published {wanted[:12]})",
                     "speechbrain.utils.fetching (fetch)",
                 )
-        lines.append(check_loadable_holds_file(name, loadable, path, culprit))
+        line = check_loadable_holds_file(name, loadable, path, culprit)
+        lines.append(line + (f" (= published {source_name})" if wanted else ""))
     return lines
 
 
@@ -586,16 +593,20 @@ def check_resumed_from_newest(save_folder, lm_module, epoch_counter):
         torch.load(folder / "lm.ckpt", map_location="cpu", weights_only=False),
         _unwrap(lm_module).state_dict(),
     )
+    end_of_epoch = bool(meta.get("end-of-epoch", True))
     counter_file = folder / "counter.ckpt"
-    counter = int(counter_file.read_text().strip()) if counter_file.is_file() else None
-    if problem or (counter is not None and int(epoch_counter.current) != counter):
+    done = None  # epochs completed: an intra-epoch checkpoint's epoch is run again
+    if counter_file.is_file():
+        done = int(counter_file.read_text().strip()) - (0 if end_of_epoch else 1)
+    if problem or (done is not None and int(epoch_counter.current) != done):
         _fail(
             "checkpoint/resume",
             f"the resumed run does not start from the newest checkpoint {folder.name}"
-            f" ({problem or f'epoch {epoch_counter.current}, checkpoint says {counter}'})",
+            f" ({problem or f'{epoch_counter.current} epochs done, the checkpoint says {done}'})",
             "speechbrain.utils.checkpoints (Checkpointer.recover_if_possible)",
         )
-    return f"resumed from {folder.name} (epoch {counter})", bool(meta.get("end-of-epoch", True))
+    kind = "end of epoch" if end_of_epoch else "within epoch"
+    return f"resumed from {folder.name} ({kind}, {done} epochs done)", end_of_epoch
 
 
 # --------------------------------------------------------------------------
