@@ -37,11 +37,12 @@ import speechbrain as sb
 import torch
 from speechbrain.utils.distributed import run_on_main
 
-from sbtemplate import fetching, run_lock
+from sbtemplate import fetching, regression, run_lock
+from sbtemplate import outcome_checks as oc
 from sbtemplate.audio_check import AudioFormatError, check_audio_format
 from sbtemplate.config_checks import ConfigError
 from sbtemplate.padding_invariant import make_padding_invariant
-from sbtemplate.run_setup import EXIT_INPUT_ERROR, load_hparams, parse_arguments
+from sbtemplate.run_setup import EXIT_FAILED, EXIT_INPUT_ERROR, load_hparams, parse_arguments
 from sbtemplate.slu import (
     fetched_sources,
     pad_token_ids,
@@ -294,6 +295,8 @@ def main(argv=None):
             run_opts={"device": run_opts.get("device", hparams["asr_device"])}
         )
         fetched = fetched_sources(fetching.fetch_log)
+        digests = oc.published_digests(hparams["local_repo"])
+        loaded = oc.check_pretrainer_loaded(asr.hparams.pretrainer, digests, fetching.fetch_log)
         if hparams["asr_padding_invariant"]:
             make_padding_invariant(asr)
     except fetching.FetchError as error:
@@ -303,8 +306,12 @@ def main(argv=None):
     except (ConfigError, FileNotFoundError, run_lock.OutputFolderInUse) as error:
         print(f"\nCANNOT RUN: {error}", file=sys.stderr)
         return EXIT_INPUT_ERROR
+    except oc.OutcomeError as error:
+        print(f"\nOUTCOME CHECK FAILED: {error}", file=sys.stderr)
+        return EXIT_FAILED
     finally:
         fetching.stop_serving()
+    print("Loaded = fetched files: " + "; ".join(loaded))
     if asr.tokenizer.get_piece_size() > hparams["num_asr_tokens"]:
         raise ValueError(
             f"num_asr_tokens ({hparams['num_asr_tokens']}) is smaller than the recognizer's "
@@ -384,6 +391,53 @@ def main(argv=None):
         f"{stats['WER']:.2f}% on {len(outputs)} target-domain test utterances "
         f"(results: {hparams['results_file']})"
     )
+    # 7. What the run produced: the transcripts' WER recounted here, and in
+    #    --debug the comparison with the stored expectation.
+    try:
+        references = oc.references_of(Path(hparams["data_folder"]) / "test.json", set(outputs))
+        print(
+            "Outcome check: "
+            + oc.check_wer(details, results["transcripts"], references, "transcripts")
+        )
+    except oc.OutcomeError as error:
+        print(f"\nOUTCOME CHECK FAILED: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    if results["debug"]:
+        return regression_check(hparams, results)
+    return 0
+
+
+def regression_check(hparams, results):
+    """Compare a ``--debug`` run with the profile's stored expectation
+    (sbtemplate.regression); exit status 1 when something moved beyond its
+    tolerance, each problem on its own line. ``update_expected`` stores the
+    run's results as the expectation instead."""
+    digests = regression.file_digests(Path(hparams["local_repo"]) / "manifest.json")
+    expected_file = Path(hparams["expected_results"])
+    if hparams["update_expected"]:
+        expected_file.parent.mkdir(parents=True, exist_ok=True)
+        text = json.dumps(regression.expectation(results, digests), indent=1, sort_keys=True)
+        expected_file.write_text(text + "\n")
+        print(f"Regression check: stored this run as the expectation ({expected_file})")
+        return 0
+    if not expected_file.is_file():
+        print(
+            f"Regression check: no stored expectation for this profile ({expected_file}); not compared"
+        )
+        return 0
+    expected = json.loads(expected_file.read_text())
+    note = regression.information(digests, expected)
+    if note:
+        print(f"Regression check: {note} (not a failure)")
+    problems = regression.check(results, digests, expected)
+    if problems:
+        print(
+            f"\nREGRESSION: the --debug run moved beyond the tolerances of {expected_file.name}"
+            " (sbtemplate.regression): " + "; ".join(problems),
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    print(f"Regression check: passed against {expected_file.name}")
     return 0
 
 

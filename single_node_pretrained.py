@@ -158,7 +158,7 @@ def outcome_checks(hparams, asr, repo, wav, manifest):
     from speechbrain.utils.fetching import FetchFrom, FetchSource, fetch
 
     digests = {name: entry["sha256"] for name, entry in manifest.items()}
-    lines = oc.check_pretrainer_loaded(asr.hparams.pretrainer, digests)
+    lines = oc.check_pretrainer_loaded(asr.hparams.pretrainer, digests, fetching.fetch_log)
     example = str(fetch(wav, FetchSource(FetchFrom.HUGGING_FACE, repo)))
     lines.append(oc.check_audio({wav: {"wav": example}}))
     search = asr.mods.decoder

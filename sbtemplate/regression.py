@@ -19,15 +19,22 @@ earlier or later. So the check splits a run's results in three:
 * **information**: the digests of the trained files (``asr.ckpt``,
   ``lm.ckpt``, ``lm_commands.ckpt``, ``normalizer.ckpt``), reported when they
   differ from those the expectation was made with, never compared.
+
+Each problem line starts with the seam it points at (``[fetching/loading]``,
+``[fine-tuning step]``, ...). The recipe's ``--debug`` run calls
+:func:`check` itself and exits non-zero when a line comes back; the stored
+expectations live in ``sbtemplate/expected/<recipe>_debug_<profile>.json``.
 """
 
-import collections
 import json
 import math
 from pathlib import Path
 
 import torch
-from speechbrain.utils.edit_distance import accumulatable_wer_stats
+
+from sbtemplate.outcome_checks import edit_counts
+
+EXPECTED_DIR = Path(__file__).resolve().parent / "expected"
 
 #: Files of the published recognizer whose bytes do not depend on float
 #: arithmetic (made by SentencePiece, a text template, espeak-ng).
@@ -56,6 +63,11 @@ WER_POINTS = 10.0
 ACCURACY_POINTS = 12.5
 
 
+def expectation_file(profile, recipe="multisource"):
+    """Where the stored expectation of ``recipe``'s ``--debug`` run on ``profile`` lives."""
+    return EXPECTED_DIR / f"{recipe}_debug_{profile}.json"
+
+
 def file_digests(manifest_file):
     """``{file: sha256}`` from a published recognizer's ``manifest.json``."""
     manifest = json.loads(Path(manifest_file).read_text())
@@ -76,33 +88,46 @@ def expectation(results, digests):
     }
 
 
+#: The seam each kind of result points at when it moved.
+SEAM_OF_KEY = {
+    "profile": "samplers/DDP",
+    "debug": "samplers/DDP",
+    "epochs": "samplers/DDP",
+    "test_utterances": "audio/data",
+    "fetched": "fetching/loading",
+}
+
+
 def check(results, digests, expected):
     """The ways a ``--debug`` run's results differ from the expectation beyond
-    the tolerances above, one readable line each (empty: the run passes)."""
+    the tolerances above, one readable line each, starting with its seam
+    (empty: the run passes)."""
     problems = []
     for name, digest in expected["portable_files"].items():
         if digests.get(name) != digest:
             problems.append(
-                f"{name}: its bytes changed (sha256 {digest[:12]} -> {str(digests.get(name))[:12]})"
+                f"[fetching/loading] {name}: its bytes changed (sha256 {digest[:12]} -> "
+                f"{str(digests.get(name))[:12]})"
             )
     for key in EXACT_KEYS:
         if results.get(key) != expected[key]:
             problems.append(
-                f"{key}: expected {_short(expected[key])}, got {_short(results.get(key))}"
+                f"[{SEAM_OF_KEY[key]}] {key}: expected {_short(expected[key])},"
+                f" got {_short(results.get(key))}"
             )
     problems += _losses(results["losses"], expected["losses"])
     problems += _transcripts(results, expected)
     wer, wer_then = results["wer"]["WER"], expected["wer"]["WER"]
     if abs(wer - wer_then) > WER_POINTS:
         problems.append(
-            f"WER against the references moved by {wer - wer_then:+.2f} points "
+            f"[decoding] WER against the references moved by {wer - wer_then:+.2f} points "
             f"({wer_then:.2f}% -> {wer:.2f}%; at most {WER_POINTS:g})"
         )
     accuracy, accuracy_then = results["semantic_accuracy"], expected["semantic_accuracy"]
     if abs(accuracy - accuracy_then) > ACCURACY_POINTS:
         problems.append(
-            f"semantic accuracy moved by {accuracy - accuracy_then:+.2f} points "
-            f"({accuracy_then:.2f}% -> {accuracy:.2f}%; at most {ACCURACY_POINTS:g})"
+            f"[fine-tuning step] semantic accuracy moved by {accuracy - accuracy_then:+.2f}"
+            f" points ({accuracy_then:.2f}% -> {accuracy:.2f}%; at most {ACCURACY_POINTS:g})"
         )
     return problems
 
@@ -124,29 +149,34 @@ def information(digests, expected):
 
 def _losses(actual, expected):
     if len(actual) != len(expected):
-        return [f"losses: expected {len(expected)} entries, got {len(actual)}"]
+        return [f"[fine-tuning step] losses: expected {len(expected)} entries, got {len(actual)}"]
     problems = []
     for index, (got, want) in enumerate(zip(actual, expected)):
         if set(got) != set(want):
-            problems.append(f"losses[{index}]: keys {sorted(got)} != {sorted(want)}")
+            problems.append(
+                f"[fine-tuning step] losses[{index}]: keys {sorted(got)} != {sorted(want)}"
+            )
             continue
         for key, b in sorted(want.items()):
             a = got[key]
             if key.endswith("_loss"):
                 rtol = TEST_LOSS_RTOL if key == "test_loss" else LOSS_RTOL
+                seam = "decoding" if key == "test_loss" else "fine-tuning step"
                 if not math.isclose(a, b, rel_tol=rtol):
                     problems.append(
-                        f"losses[{index}].{key} moved by {(a - b) / b:+.2e} relative "
+                        f"[{seam}] losses[{index}].{key} moved by {(a - b) / b:+.2e} relative "
                         f"({b!r} -> {a!r}; at most {rtol:g})"
                     )
             elif key == "valid_semantic_accuracy":
                 if abs(a - b) > ACCURACY_POINTS:
                     problems.append(
-                        f"losses[{index}].{key} moved by {a - b:+.2f} points "
+                        f"[fine-tuning step] losses[{index}].{key} moved by {a - b:+.2f} points "
                         f"({b} -> {a}; at most {ACCURACY_POINTS:g})"
                     )
             elif a != b:
-                problems.append(f"losses[{index}].{key}: expected {b!r}, got {a!r}")
+                problems.append(
+                    f"[fine-tuning step] losses[{index}].{key}: expected {b!r}, got {a!r}"
+                )
     return problems
 
 
@@ -154,20 +184,21 @@ def _transcripts(results, expected):
     ids = expected["test_utterances"]
     got, want = results["transcripts"], expected["transcripts"]
     if set(got) != set(want):
-        return [f"transcripts: for {len(got)} utterances, expected {len(want)}"]
+        return [f"[audio/data] transcripts: for {len(got)} utterances, expected {len(want)}"]
     same = sum(got[uid] == want[uid] for uid in ids)
-    drift = accumulatable_wer_stats(
-        [want[uid].split() for uid in ids], [got[uid].split() for uid in ids], collections.Counter()
-    )["WER"]
+    counts = [edit_counts(want[uid].split(), got[uid].split()) for uid in ids]
+    words = sum(n for _, n in counts)
+    drift = 100.0 * sum(e for e, _ in counts) / words if words else 0.0
     need = math.ceil(MIN_IDENTICAL_TRANSCRIPTS * len(ids))
     problems = []
     if same < need:
         problems.append(
-            f"transcripts: {same} of {len(ids)} identical to the stored ones (at least {need})"
+            f"[decoding] transcripts: {same} of {len(ids)} identical to the stored ones"
+            f" (at least {need})"
         )
     if drift > MAX_TRANSCRIPT_DRIFT:
         problems.append(
-            f"transcripts moved by {drift:.2f}% WER from the stored ones "
+            f"[decoding] transcripts moved by {drift:.2f}% WER from the stored ones "
             f"(at most {MAX_TRANSCRIPT_DRIFT:g}%)"
         )
     return problems
