@@ -45,12 +45,15 @@ from sbtemplate.ddp_dynamic_batching import (
     train_batch_sampler,
 )
 from sbtemplate.distributed import DDPEvalMixin, check_ledger, exchange, rank_and_world_size
+from sbtemplate.distributed.watchdog import start_watchdog
 from sbtemplate.frozen import freeze, state_digest, state_digests, trainable_parameters
 from sbtemplate.padding_invariant import make_padding_invariant
 
 logger = logging.getLogger(__name__)
-# What the run is doing, for the message when the ranks lose each other.
+# What the run is doing, for the message when the ranks lose each other, and
+# the hang watchdog of this process (stopped before the process group ends).
 STAGE = {"now": "set-up"}
+WATCHDOG = []
 
 
 # --------------------------------------------------------------------------
@@ -409,6 +412,11 @@ def run(hparams_file, run_opts, overrides):
     #    rank; loopback servers start); the process group; the Hub client.
     hparams = run_setup.load_hparams(hparams_file, overrides)
     run_setup.init_distributed(run_opts, hparams["collective_timeout_s"])
+    WATCHDOG.append(
+        start_watchdog(
+            *rank_and_world_size(), label=lambda: STAGE["now"], **hparams["hang_watchdog"]
+        )
+    )
     endpoints = fetching.use_endpoints(hparams, cache_dir=hparams["fetch_cache"])
 
     # 2. Data preparation: unusable test audio is reported now, on every rank,
@@ -877,6 +885,8 @@ def main(argv=None):
     finally:
         import torch.distributed as dist
 
+        while WATCHDOG:
+            WATCHDOG.pop().stop()
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
         fetching.stop_serving()

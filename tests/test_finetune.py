@@ -18,6 +18,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -289,6 +290,34 @@ def test_a_stalled_rank_is_named_with_what_the_run_was_doing(tiny_build, tmp_pat
         "rank 0: ERROR: rank 1 stopped answering during fine-tuning: a collective waited past "
         "collective_timeout_s"
     ) in done.stderr, done.stderr[-3000:]
+
+
+def test_a_stalled_rank_is_named_by_the_watchdog_long_before_the_timeout(tiny_build, tmp_path):
+    """Rank 1 stops in its first training step, the collective timeout is
+    15 minutes: the hang watchdog ends the run within its stall_s, naming where
+    each rank waits (rank 1 asleep in stalled_fit_batch)."""
+    overrides = [o for o in RUN_OVERRIDES if not o.startswith("--collective_timeout_s")]
+    cmd = [
+        str(TORCHRUN),
+        "--nproc_per_node=2",
+        "--master_addr=127.0.0.1",
+        f"--master_port={_free_port()}",
+        "tests/stalled_finetune.py",
+        "finetune.yaml",
+        *overrides,
+        "--collective_timeout_s=900",
+        "--hang_watchdog={mismatch_s: 5, stall_s: 10, poll_s: 0.5}",
+        "--evaluate_base=False",
+        "--evaluate_finetuned=False",
+        f"--output_folder={tmp_path / 'out'}",
+    ]
+    started = time.monotonic()
+    done = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert time.monotonic() - started < 120
+    line = [x for x in done.stderr.splitlines() if "ranks hang" in x]
+    assert line, done.stderr[-3000:]
+    assert "[samplers/DDP]" in line[0] and "stalled_fit_batch" in line[0], line[0]
 
 
 def test_two_nodes_on_loopback_match_one_node(ddp_run, tmp_path):
