@@ -121,6 +121,7 @@ class LMFineTuneBrain(DDPEvalMixin, sb.Brain):
         self.outcomes = []  # one line per outcome check passed (sbtemplate.outcome_checks)
         self.batches_ran = 0
         self._probing = False
+        self._previous_valid_loss = None  # this process's last, for the annealing check
         self.resumed = None  # the line of the checkpoint this run resumed from
         self._resumed_epoch = None
         self.epoch_records = []
@@ -379,8 +380,19 @@ class LMFineTuneBrain(DDPEvalMixin, sb.Brain):
         self.train_stats = {"loss": stats["loss"], "perplexity": stats["perplexity"]}
 
     def _end_valid_epoch(self, epoch, stats):
+        lr_before = self.optimizer.param_groups[0]["lr"]
         old_lr, new_lr = self.hparams.lr_annealing(stats["loss"])
         sb.nnet.schedulers.update_learning_rate(self.optimizer, new_lr)
+        line = oc.check_lr_annealing(
+            self.optimizer,
+            lr_before,
+            self._previous_valid_loss,
+            stats["loss"],
+            self.hparams.lr_annealing,
+        )
+        self._previous_valid_loss = stats["loss"]
+        if line:
+            self.outcomes.append(line)
         valid = {"loss": stats["loss"], "perplexity": stats["perplexity"]}
         self.hparams.train_logger.log_stats(
             stats_meta={"epoch": epoch, "lr": old_lr},
@@ -596,7 +608,10 @@ def check_lm_in_decoding(brain, hparams, test_set, utterances=4):
     """The LM takes part in decoding: the scorer scores with it, and its weight
     changes the search's scores on a few test utterances."""
     search = hparams["test_search"]
-    brain.outcomes.append(oc.check_lm_scores(search, brain.lm, hparams["bos_index"], brain.device))
+    temperature = hparams["recognizer"].get("temperature_lm")
+    brain.outcomes.append(
+        oc.check_lm_scores(search, brain.lm, hparams["bos_index"], brain.device, temperature)
+    )
     items = [test_set[i] for i in range(min(utterances, len(test_set)))]
     wavs, wav_lens = sb.dataio.batch.PaddedBatch(items).to(brain.device).sig
     brain.outcomes.append(
@@ -652,7 +667,13 @@ def finetuned_evaluation(brain, hparams, run_opts, test_set, test_entries, loade
     brain.outcomes.append(f"interface loaded = fetched files: {'; '.join(lines)}")
     fe.swap_lm(asr, tuned_lm)
     brain.outcomes.append(
-        oc.check_lm_scores(asr.mods.decoder, asr.mods.lm_model, hparams["bos_index"], brain.device)
+        oc.check_lm_scores(
+            asr.mods.decoder,
+            asr.mods.lm_model,
+            hparams["bos_index"],
+            brain.device,
+            getattr(asr.hparams, "temperature_lm", None),
+        )
     )
     if hparams["padding_invariant"]:  # a repo naming SpeechBrain's own classes
         make_padding_invariant(asr)
@@ -735,6 +756,13 @@ def outcome_checks(brain, hparams, results, base_report, reports):
             "fine-tuning step",
             "an ASR module changed during LM fine-tuning",
             "sbtemplate.frozen / speechbrain.core (Brain.fit)",
+        )
+    epochs = [r["epoch"] for r in brain.epoch_records]
+    if brain.resumed is None and epochs != list(range(1, hparams["number_of_epochs"] + 1)):
+        raise oc.OutcomeError(
+            "fine-tuning step",
+            f"the run trained epochs {epochs}, not 1..{hparams['number_of_epochs']}",
+            "speechbrain.utils.epoch_loop (EpochCounter) / speechbrain.core (Brain.fit)",
         )
     ppl = results["perplexity"]
     before, after = ppl["base"]["target_valid"], ppl["finetuned"]["target_valid"]

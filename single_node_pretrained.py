@@ -162,7 +162,9 @@ def outcome_checks(hparams, asr, repo, wav, manifest):
     example = str(fetch(wav, FetchSource(FetchFrom.HUGGING_FACE, repo)))
     lines.append(oc.check_audio({wav: {"wav": example}}))
     search = asr.mods.decoder
-    lines.append(oc.check_lm_scores(search, asr.mods.lm_model, asr.hparams.bos_index, asr.device))
+    temperature = getattr(asr.hparams, "temperature_lm", None)
+    lm = asr.mods.lm_model
+    lines.append(oc.check_lm_scores(search, lm, asr.hparams.bos_index, asr.device, temperature))
     wavs = asr.load_audio(example).unsqueeze(0).to(asr.device)
     lines.append(oc.check_lm_weight_matters(search, asr.encode_batch, wavs, torch.ones(1)))
     recorded = hparams["recorded_wer"]

@@ -149,7 +149,11 @@ class DistributedDynamicBatchSampler(Sampler):
         batches = equalize_batches(planned, self.world_size)
         seen = sorted(i for b in batches for i in b)
         if seen != list(range(len(self.lengths))):
-            raise RuntimeError("dynamic batch plan does not use every item exactly once")
+            raise RuntimeError(
+                "[samplers/DDP] the dynamic batch plan does not use every item exactly once"
+                f" ({len(seen)} uses of {len(self.lengths)} items; at fault:"
+                " speechbrain.dataio.sampler (DynamicBatchSampler))"
+            )
         return batches
 
     def set_epoch(self, epoch):

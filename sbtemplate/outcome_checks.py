@@ -238,20 +238,29 @@ def check_audio(entries, limit=4):
 # LM in decoding
 
 
+#: The names SpeechBrain's ScorerBuilder gives its LM scorers.
+LM_SCORERS = ("rnnlm", "transformerlm")
+
+
 def lm_scorer(searcher):
-    """The searcher's RNNLM scorer (``None`` if it has none)."""
-    scorer = getattr(searcher, "scorer", None)
-    if scorer is None:
-        return None
-    return scorer.full_scorers.get("rnnlm")
+    """``(name, scorer)`` of the searcher's LM scorer; ``(None, None)`` if it has none."""
+    builder = getattr(searcher, "scorer", None)
+    for name in LM_SCORERS:
+        if builder is not None and name in builder.full_scorers:
+            return name, builder.full_scorers[name]
+    return None, None
 
 
-def check_lm_scores(searcher, lm_module, bos_index, device="cpu"):
+def check_lm_scores(searcher, lm_module, bos_index, device="cpu", temperature=None):
     """The RNNLM scorer scores with ``lm_module``: its log-probabilities equal
-    the log-softmax of the module's output, for two steps from BOS."""
-    scorer = lm_scorer(searcher)
+    the log-softmax of the module's output divided by ``temperature`` (the
+    configured one; default: the scorer's), for two steps from BOS."""
+    name, scorer = lm_scorer(searcher)
     if scorer is None:
-        _fail("LM in decoding", "the beam searcher has no rnnlm scorer", "the recipe YAML")
+        _fail("LM in decoding", "the beam searcher has no LM scorer", "the recipe YAML")
+    if name != "rnnlm":
+        return f"{name} scorer: scores not recomputed (only RNNLM scorers are)"
+    temperature = scorer.temperature if temperature is None else temperature
     lm = _unwrap(lm_module)
     if _unwrap(scorer.lm) is not lm:
         _fail(
@@ -265,9 +274,9 @@ def check_lm_scores(searcher, lm_module, bos_index, device="cpu"):
         got1, memory = scorer.score(tokens, None, None, None)
         got2, _ = scorer.score(nxt, memory, None, None)
         logits, hidden = lm(tokens.unsqueeze(1), hx=None)
-        want1 = torch.log_softmax(logits.squeeze(1) / scorer.temperature, dim=-1)
+        want1 = torch.log_softmax(logits.squeeze(1) / temperature, dim=-1)
         logits, _ = lm(nxt.unsqueeze(1), hx=hidden)
-        want2 = torch.log_softmax(logits.squeeze(1) / scorer.temperature, dim=-1)
+        want2 = torch.log_softmax(logits.squeeze(1) / temperature, dim=-1)
     for step, (got, want) in enumerate(((got1, want1), (got2, want2)), 1):
         got = got.reshape(want.shape)
         if not torch.allclose(got, want, atol=1e-4, rtol=1e-4):
@@ -286,17 +295,18 @@ def check_lm_weight_matters(search, encode, wavs, wav_lens):
     ``encode(wavs, wav_lens)`` -> encoder states; ``search`` the beam searcher.
     """
     scorer = search.scorer
-    weight = scorer.weights.get("rnnlm")
+    name, _ = lm_scorer(search)
+    weight = scorer.weights.get(name) if name else None
     if not weight:
         return "LM weight 0: nothing to check"
     with torch.no_grad():
         encoded = encode(wavs, wav_lens)
         hyps, _, scores, _ = search(encoded, wav_lens)
-        scorer.weights["rnnlm"] = 0.0
+        scorer.weights[name] = 0.0
         try:
             hyps0, _, scores0, _ = search(encoded, wav_lens)
         finally:
-            scorer.weights["rnnlm"] = weight
+            scorer.weights[name] = weight
     if torch.allclose(scores.float(), scores0.float(), atol=1e-6) and hyps == hyps0:
         _fail(
             "LM in decoding",
@@ -521,6 +531,27 @@ def check_optimizer_steps(fit_batch, lm, optimizer, item_batches, max_grad_norm)
         f"optimizer steps: {len(item_batches)} Brain steps = Adam from fresh gradients"
         f" (relative distance {max(distances):.1e})"
     )
+
+
+def check_lr_annealing(optimizer, lr_before, previous_loss, loss, scheduler):
+    """After a valid stage, the optimizer's learning rate is NewBob's rule
+    applied here: annealed by ``annealing_factor`` when the loss improved by
+    less than ``improvement_threshold`` (relative), else unchanged. Checked
+    when this process saw the previous loss and ``patient`` is 0; None otherwise."""
+    if previous_loss is None or getattr(scheduler, "patient", None) != 0:
+        return None
+    improvement = (previous_loss - loss) / previous_loss if previous_loss else 0.0
+    anneal = improvement < scheduler.improvement_threshold
+    expected = lr_before * scheduler.annealing_factor if anneal else lr_before
+    got = optimizer.param_groups[0]["lr"]
+    if not math.isclose(got, expected, rel_tol=1e-9):
+        _fail(
+            "fine-tuning step",
+            f"the learning rate after a valid loss {previous_loss:.5g} -> {loss:.5g} is {got:.6g},"
+            f" NewBob's rule gives {expected:.6g}",
+            "speechbrain.nnet.schedulers (NewBobScheduler / update_learning_rate)",
+        )
+    return f"learning rate annealed as NewBob's rule says ({lr_before:.3g} -> {got:.3g})"
 
 
 def relative_distance(got, want):

@@ -65,7 +65,11 @@ class LedgerError(RuntimeError):
             if ids:
                 shown = ", ".join(map(str, ids[:10])) + (" ..." if len(ids) > 10 else "")
                 parts.append(f"{len(ids)} {name} ({shown})")
-        super().__init__("evaluation ledger mismatch: " + "; ".join(parts))
+        super().__init__(
+            "[samplers/DDP] evaluation ledger mismatch: "
+            + "; ".join(parts)
+            + " (at fault: speechbrain.dataio.sampler / sbtemplate.distributed.sharding)"
+        )
 
 
 def check_ledger(got_ids, expected_ids=None):

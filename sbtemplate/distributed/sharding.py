@@ -115,8 +115,9 @@ def check_partition(batches, num_items):
     missing = [i for i, count in enumerate(seen) if count == 0]
     if duplicated or missing:
         raise ValueError(
-            f"batch plan is not a partition: duplicated indices {duplicated[:10]}"
+            f"[samplers/DDP] batch plan is not a partition: duplicated indices {duplicated[:10]}"
             f" ({len(duplicated)}), missing {missing[:10]} ({len(missing)})"
+            " (at fault: speechbrain.dataio.sampler)"
         )
 
 
