@@ -119,7 +119,7 @@ class LMFineTuneBrain(DDPEvalMixin, sb.Brain):
         self.tokenizer = tokenizer
         self.train_text = train_text  # the training sentences: ids to see, probe batches
         self.outcomes = []  # one line per outcome check passed (sbtemplate.outcome_checks)
-        self.batches_ran = 0
+        self.batches_ran, self.largest_batch = 0, (0, 0)
         self._probing = False
         self._previous_valid_loss = None  # this process's last, for the annealing check
         self.resumed = None  # the line of the checkpoint this run resumed from
@@ -219,12 +219,15 @@ class LMFineTuneBrain(DDPEvalMixin, sb.Brain):
         self.token_count += int(count.item())
         self.seen_ids.extend(batch.id)
         self.batches_ran += 1
+        rows, cols = tokens_eos.shape
+        padded, examples = self.largest_batch
+        self.largest_batch = (max(padded, rows * cols), max(examples, rows))
         return total / count
 
     def on_stage_start(self, stage, epoch=None):
         """Reset the stage's NLL sum, token count and id ledger; a WER metric if decoding."""
         self.nll_sum, self.token_count, self.seen_ids = 0.0, 0, []
-        self.batches_ran = 0
+        self.batches_ran, self.largest_batch = 0, (0, 0)
         self._result = None
         if self._asr_stage(stage):
             self.wer_metric = ErrorRateStats()
@@ -305,6 +308,7 @@ class LMFineTuneBrain(DDPEvalMixin, sb.Brain):
                 "tokens": self.token_count,
                 "ids": list(self.seen_ids),
                 "batches": self.batches_ran,
+                "largest": list(self.largest_batch),
                 "promised": promised,
             },
             what=f"{stage_name} perplexity",
@@ -336,6 +340,7 @@ class LMFineTuneBrain(DDPEvalMixin, sb.Brain):
             "world_size": world,
             "ids_per_rank": [g["ids"] for g in gathered],
             "batches_per_rank": [g["batches"] for g in gathered],
+            "largest_per_rank": [g["largest"] for g in gathered],
             "promised_per_rank": [g["promised"] for g in gathered],
         }
 
@@ -348,6 +353,10 @@ class LMFineTuneBrain(DDPEvalMixin, sb.Brain):
         )
         if not partial and self.train_sampler is not None:
             oc.check_batch_counts(stats["batches_per_rank"], stats["promised_per_rank"], what)
+        budget = self.hparams.train_dynamic_batching
+        line += "; " + oc.check_batch_budget(
+            stats["largest_per_rank"], budget["max_batch_length"], budget.get("max_batch_ex"), what
+        )
         self.outcomes.append(line)
         rank, world = rank_and_world_size()
         # Before VALID broadcasts rank 0's state: these must agree on their own.
@@ -615,7 +624,9 @@ def check_lm_in_decoding(brain, hparams, test_set, utterances=4):
     items = [test_set[i] for i in range(min(utterances, len(test_set)))]
     wavs, wav_lens = sb.dataio.batch.PaddedBatch(items).to(brain.device).sig
     brain.outcomes.append(
-        oc.check_lm_weight_matters(search, hparams["test_encoder"], wavs, wav_lens)
+        oc.check_lm_weight_matters(
+            search, hparams["test_encoder"], wavs, wav_lens, hparams["eos_index"]
+        )
     )
 
 

@@ -166,7 +166,8 @@ def outcome_checks(hparams, asr, repo, wav, manifest):
     lm = asr.mods.lm_model
     lines.append(oc.check_lm_scores(search, lm, asr.hparams.bos_index, asr.device, temperature))
     wavs = asr.load_audio(example).unsqueeze(0).to(asr.device)
-    lines.append(oc.check_lm_weight_matters(search, asr.encode_batch, wavs, torch.ones(1)))
+    eos = asr.hparams.eos_index
+    lines.append(oc.check_lm_weight_matters(search, asr.encode_batch, wavs, torch.ones(1), eos))
     recorded = hparams["recorded_wer"]
     if recorded is None:
         lines.append("test set not decoded: no WER recorded for this repo by a build here")

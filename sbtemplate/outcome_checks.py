@@ -289,8 +289,9 @@ def check_lm_scores(searcher, lm_module, bos_index, device="cpu", temperature=No
     return "rnnlm scorer = log-softmax of the LM module, 2 steps"
 
 
-def check_lm_weight_matters(search, encode, wavs, wav_lens):
-    """Decoding with the configured LM weight gives other scores than with weight 0.
+def check_lm_weight_matters(search, encode, wavs, wav_lens, eos_index=None):
+    """Decoding with the configured LM weight gives other scores than with
+    weight 0; no hypothesis holds the EOS token (``eos_index``).
 
     ``encode(wavs, wav_lens)`` -> encoder states; ``search`` the beam searcher.
     """
@@ -313,6 +314,13 @@ def check_lm_weight_matters(search, encode, wavs, wav_lens):
             f"the LM weight {weight} changes no score of {len(hyps)} utterances against weight 0",
             "speechbrain.decoders.scorer (ScorerBuilder.score / RNNLMScorer) or"
             " speechbrain.decoders.seq2seq",
+        )
+    if eos_index is not None and any(int(eos_index) in map(int, h) for h in hyps + hyps0):
+        _fail(
+            "decoding",
+            f"a hypothesis of the beam search holds the EOS token ({eos_index})",
+            "speechbrain.decoders.seq2seq (S2SBeamSearcher) / speechbrain.utils.data_utils"
+            " (undo_padding)",
         )
     changed = sum(a != b for a, b in zip(hyps, hyps0))
     return f"LM weight {weight} vs 0: scores differ, {changed}/{len(hyps)} hypotheses differ"
@@ -663,6 +671,22 @@ def check_seen_once(seen_per_rank, expected_ids, what, partial=False):
             "speechbrain.dataio.sampler (DynamicBatchSampler) / sbtemplate.ddp_dynamic_batching",
         )
     return f"{what}: {len(seen)} examples, each once"
+
+
+def check_batch_budget(largest_per_rank, max_batch_length, max_batch_ex, what):
+    """No batch a rank ran held more padded positions than ``max_batch_length``
+    or more examples than ``max_batch_ex`` (``largest_per_rank``: one
+    ``(padded, examples)`` maximum per rank, measured on the tensors)."""
+    padded = max(p for p, _ in largest_per_rank)
+    examples = max(n for _, n in largest_per_rank)
+    if padded > max_batch_length or (max_batch_ex and examples > max_batch_ex):
+        _fail(
+            "samplers/DDP",
+            f"{what}: a batch held {padded} padded tokens / {examples} examples, over"
+            f" max_batch_length {max_batch_length} / max_batch_ex {max_batch_ex}",
+            "speechbrain.dataio.sampler (DynamicBatchSampler)",
+        )
+    return f"{what}: largest batch {padded} padded tokens, {examples} examples, within budget"
 
 
 def check_batch_counts(ran, promised, what):
