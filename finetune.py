@@ -247,16 +247,15 @@ class LMFineTuneBrain(DDPEvalMixin, sb.Brain):
                 self._resumed_epoch = int(self.hparams.epoch_counter.current) + 1
             self.outcomes.append(line)
             return
-        size = 4
-        items = [self.train_text[i] for i in range(2 * size)]
+        # Three steps of 4 sentences: the configured clipping twice (so that
+        # stale gradients show), then a norm far below any gradient's.
+        size, norms = 4, (self.max_grad_norm, self.max_grad_norm, 1e-4)
+        items = [self.train_text[i] for i in range(len(norms) * size)]
+        batches = [items[k * size : (k + 1) * size] for k in range(len(norms))]
         self._probing, step = True, self.optimizer_step
         try:
             line = oc.check_optimizer_steps(
-                self.fit_batch,
-                self.lm,
-                self.optimizer,
-                [items[:size], items[size:]],
-                self.max_grad_norm,
+                self.fit_batch, self.lm, self.optimizer, batches, norms, clipping=self
             )
         finally:
             self._probing, self.optimizer_step = False, step
@@ -784,6 +783,14 @@ def outcome_checks(brain, hparams, results, base_report, reports):
             "speechbrain.core (Brain.fit / fit_batch)",
         )
     add(f"held-out target perplexity fell: {before:.3f} -> {after:.3f}")
+    best = [r["valid_perplexity"] for r in brain.epoch_records if "valid_perplexity" in r]
+    if brain.resumed is None and best and not math.isclose(after, min(best), rel_tol=1e-5):
+        raise oc.OutcomeError(
+            "checkpoint/resume",
+            f"the recovered LM's valid perplexity is {after:.6g}, the best epoch's was"
+            f" {min(best):.6g}",
+            "speechbrain.utils.checkpoints (save / recover hooks)",
+        )
     references = test_references(hparams)
     named = ([("base LM", base_report)] if base_report else []) + [
         (f"fine-tuned LM, {n}", r) for n, r in reports.items()

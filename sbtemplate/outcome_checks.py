@@ -459,9 +459,12 @@ def token_nll(lm, items):
 STEP_TOLERANCE = 1e-2
 
 
-def check_optimizer_steps(fit_batch, lm, optimizer, item_batches, max_grad_norm):
+def check_optimizer_steps(fit_batch, lm, optimizer, item_batches, max_grad_norms, clipping=None):
     """``fit_batch`` on each batch of ``item_batches`` moves the LM as Adam steps
-    from fresh gradients do (clipped to ``max_grad_norm``), computed here.
+    from fresh gradients do, each clipped to its ``max_grad_norms`` entry,
+    computed here. ``clipping``: the object whose ``max_grad_norm`` attribute
+    ``fit_batch`` clips to (the Brain), set for each step and put back; a
+    tiny norm on one step makes clipping itself part of the check.
 
     The LM, its gradients and the optimizer are put back as they were.
     ``fit_batch`` is the Brain's: under DDP every rank calls this with the same
@@ -488,13 +491,18 @@ def check_optimizer_steps(fit_batch, lm, optimizer, item_batches, max_grad_norm)
     start = {n: params[n].detach().double().clone() for n in names}
     taken = []
     lm.eval()  # no dropout: the step computed here must see the same forward
+    configured = getattr(clipping, "max_grad_norm", None)
     try:
         for p in lm.parameters():
             p.grad = None
-        for items in item_batches:
+        for items, max_norm in zip(item_batches, max_grad_norms):
+            if clipping is not None:
+                clipping.max_grad_norm = max_norm
             fit_batch(PaddedBatch(items))
             taken.append({n: params[n].detach().double() - start[n] for n in names})
     finally:
+        if clipping is not None:
+            clipping.max_grad_norm = configured
         lm.load_state_dict(saved)
         optimizer.load_state_dict(saved_opt)
         for p in lm.parameters():
@@ -507,7 +515,7 @@ def check_optimizer_steps(fit_batch, lm, optimizer, item_batches, max_grad_norm)
     current, distances = dict(start), []
     m = {n: torch.zeros_like(v) for n, v in start.items()}
     v = {n: torch.zeros_like(x) for n, x in start.items()}
-    for t, items in enumerate(item_batches, 1):
+    for t, (items, max_grad_norm) in enumerate(zip(item_batches, max_grad_norms), 1):
         with torch.no_grad():
             for n in names:
                 ref_params[n].copy_(current[n].to(ref_params[n].dtype))
@@ -533,7 +541,7 @@ def check_optimizer_steps(fit_batch, lm, optimizer, item_batches, max_grad_norm)
                 "fine-tuning step",
                 f"optimizer step {t} of Brain.fit_batch moved the LM by {distance:.3g} (relative)"
                 f" away from Adam's step computed from fresh gradients (at most {STEP_TOLERANCE})",
-                "speechbrain.core (Brain.fit_batch / optimizers_step / zero_grad)",
+                "speechbrain.core (Brain.fit_batch / optimizers_step: zero_grad, clipping, step)",
             )
     return (
         f"optimizer steps: {len(item_batches)} Brain steps = Adam from fresh gradients"

@@ -103,8 +103,12 @@ def _items(n, seed=1):
     return items
 
 
-def _fit_batch(lm, optimizer, zero_grad=True):
-    """A Brain-like fit_batch: masked mean NLL, clipping, Adam step."""
+class _Clip:
+    max_grad_norm = 5.0
+
+
+def _fit_batch(lm, optimizer, zero_grad=True, clip=_Clip):
+    """A Brain-like fit_batch: masked mean NLL, clipping to ``clip.max_grad_norm``, Adam step."""
 
     def fit_batch(batch):
         tokens, _ = batch.tokens_bos
@@ -115,7 +119,7 @@ def _fit_batch(lm, optimizer, zero_grad=True):
         mask = (torch.arange(steps)[None, :] < torch.round(rel * steps)[:, None]).float()
         nll = -logp.gather(2, targets.unsqueeze(2)).squeeze(2)
         ((nll * mask).sum() / mask.sum()).backward()
-        torch.nn.utils.clip_grad_norm_(lm.parameters(), 5.0)
+        torch.nn.utils.clip_grad_norm_(lm.parameters(), clip.max_grad_norm)
         optimizer.step()
         if zero_grad:
             optimizer.zero_grad(set_to_none=True)
@@ -125,22 +129,29 @@ def _fit_batch(lm, optimizer, zero_grad=True):
 
 def test_optimizer_steps_are_checked_against_adam_from_fresh_gradients():
     lm = _lm()
-    items = _items(8)
-    batches = [items[:4], items[4:]]
+    items = _items(12)
+    batches = [items[:4], items[4:8], items[8:]]
+    norms = (5.0, 5.0, 1e-4)
     before = {k: v.clone() for k, v in lm.state_dict().items()}
     optimizer = torch.optim.Adam(lm.parameters(), lr=0.01)
-    line = oc.check_optimizer_steps(_fit_batch(lm, optimizer), lm, optimizer, batches, 5.0)
-    assert line.startswith("optimizer steps: 2 Brain steps = Adam")
-    # the LM and the optimizer are as they were
+    clip = _Clip()
+    line = oc.check_optimizer_steps(
+        _fit_batch(lm, optimizer, clip=clip), lm, optimizer, batches, norms, clipping=clip
+    )
+    assert line.startswith("optimizer steps: 3 Brain steps = Adam")
+    # the LM, the optimizer and the clipping norm are as they were
     assert all(torch.equal(v, lm.state_dict()[k]) for k, v in before.items())
-    assert not optimizer.state
-    stale = _fit_batch(lm, optimizer, zero_grad=False)
+    assert not optimizer.state and clip.max_grad_norm == 5.0
+    stale = _fit_batch(lm, optimizer, zero_grad=False, clip=clip)
     with pytest.raises(oc.OutcomeError, match=r"^\[fine-tuning step\] optimizer step 2"):
-        oc.check_optimizer_steps(stale, lm, optimizer, batches, 5.0)
+        oc.check_optimizer_steps(stale, lm, optimizer, batches, norms, clipping=clip)
+    unclipped = _fit_batch(lm, optimizer, clip=_Clip())  # ignores the norm it is given
+    with pytest.raises(oc.OutcomeError, match=r"^\[fine-tuning step\] optimizer step 3"):
+        oc.check_optimizer_steps(unclipped, lm, optimizer, batches, norms, clipping=clip)
     slow = torch.optim.Adam(lm.parameters(), lr=0.01)
-    slow_step = _fit_batch(lm, torch.optim.Adam(lm.parameters(), lr=0.001))
+    slow_step = _fit_batch(lm, torch.optim.Adam(lm.parameters(), lr=0.001), clip=clip)
     with pytest.raises(oc.OutcomeError, match=r"^\[fine-tuning step\] optimizer step 1"):
-        oc.check_optimizer_steps(slow_step, lm, slow, batches, 5.0)
+        oc.check_optimizer_steps(slow_step, lm, slow, batches, norms, clipping=clip)
 
 
 def test_token_nll_pads_from_the_items_own_lengths():
