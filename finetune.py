@@ -807,19 +807,23 @@ def outcome_checks(brain, hparams, results, base_report, reports):
 
 
 def quality_bounds(brain, hparams, results, base_report, reports):
-    """The base LM decodes as well as the build recorded (whole test set, as
-    published); the fine-tuned LM is not worse than the base."""
+    """On the whole test set decoded as published: the base LM decodes as well
+    as the build recorded, and the fine-tuned LM is not worse than the base (on
+    a few utterances one word moves the WER by points: no bound then)."""
     add = brain.outcomes.append
     recorded = hparams["recorded_wer"]
     complete = hparams["test_limit"] is None and hparams["max_decode_ratio"] >= 1.0
-    if base_report and recorded is not None and complete:
+    if not complete:
+        add("WER bounds: not applied (part of the test set, or max_decode_ratio < 1.0)")
+        return
+    if base_report and recorded is not None:
         bound = oc.wer_bound(recorded, hparams["wer_tolerance"])
         add(
             oc.check_quality(
                 base_report.wer,
                 bound,
                 f"base LM (recorded {recorded:.2f}%)",
-                "LM in decoding",
+                "decoding",
                 "speechbrain.decoders / speechbrain.utils.parameter_transfer",
             )
         )

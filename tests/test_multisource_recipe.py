@@ -167,10 +167,10 @@ def test_debug_run_passes_the_regression_check(debug_run):
 
 
 def test_a_changed_decoding_weight_fails_the_check(debug_run, tmp_path):
-    """The check still sees a real change: the LM weight of the recognizer's
-    decoding halved (1.0 -> 0.5) moves the transcripts beyond the bands, and
-    the --debug run itself exits 1 naming what moved."""
-    done, _ = run_recipe("--debug", "--lm_weight=0.5", "--output_folder", str(tmp_path))
+    """The check still sees a real change: decoding without CTC (weight 0.7 ->
+    0) moves the transcripts beyond the bands, and the --debug run itself
+    exits 1 naming what moved."""
+    done, _ = run_recipe("--debug", "--ctc_weight_decode=0.0", "--output_folder", str(tmp_path))
     assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
     line = [x for x in done.stderr.splitlines() if x.startswith("REGRESSION:")]
     assert len(line) == 1, done.stderr[-3000:]
@@ -207,7 +207,8 @@ def _tensors(path):
 def test_a_build_on_other_cpu_kernels_passes_the_check(debug_run, tmp_path):
     """Another machine, reproduced here: the tiny recognizer rebuilt and the
     recipe run under other kernels. Portable files keep their bytes, the
-    normaliser and LMs stay within tolerance, the run passes the check."""
+    normaliser stays within tolerance, the LMs' perplexities within 5%, and
+    the run passes its own regression check."""
     paths = debug_run["paths"]
     root = tmp_path / "artifacts"
     (root / "tiny").mkdir(parents=True)
@@ -223,13 +224,22 @@ def test_a_build_on_other_cpu_kernels_passes_the_check(debug_run, tmp_path):
     )
     assert built.returncode == 0, built.stderr[-3000:]
     other = ProfilePaths.for_profile("tiny", root)
-    for name in ("normalizer.ckpt", "lm.ckpt", "lm_commands.ckpt"):
-        here, there = _tensors(paths.model_dir / name), _tensors(other.model_dir / name)
-        assert here.keys() == there.keys(), name
-        rtol = 1e-5 if name == "normalizer.ckpt" else 1e-3
-        for key, value in here.items():
-            scale = value.abs().max().clamp_min(1e-12)
-            assert (value - there[key]).abs().max() <= rtol * scale, f"{name}:{key}"
+    # The normaliser's statistics are sums over the data: within 1e-5. The LMs
+    # are trained far enough that their weights take another path under other
+    # kernels (0.2 of a tensor's scale apart): they must model the text as well.
+    here, there = (
+        _tensors(paths.model_dir / "normalizer.ckpt"),
+        _tensors(other.model_dir / "normalizer.ckpt"),
+    )
+    assert here.keys() == there.keys()
+    for key, value in here.items():
+        scale = value.abs().max().clamp_min(1e-12)
+        assert (value - there[key]).abs().max() <= 1e-5 * scale, f"normalizer.ckpt:{key}"
+    reports = [json.loads(p.build_report.read_text()) for p in (paths, other)]
+    for key in ("lm_valid", "domain_lm_valid"):
+        assert reports[1][key]["perplexity"] == pytest.approx(
+            reports[0][key]["perplexity"], rel=0.05
+        ), key
     done, _ = run_recipe(
         "--debug",
         "--artifacts",
@@ -256,7 +266,7 @@ def test_the_check_names_what_moved_and_by_how_much(debug_run):
 
     drifted = copy.deepcopy(results)
     drifted["losses"][1]["valid_loss"] *= 1.01
-    for uid in drifted["test_utterances"][:7]:
+    for uid in drifted["test_utterances"][:9]:
         drifted["transcripts"][uid] += " EXTRA"
     drifted["wer"]["WER"] += 20
     problems = regression.check(drifted, digests, stored)
@@ -267,7 +277,7 @@ def test_the_check_names_what_moved_and_by_how_much(debug_run):
     n = len(results["test_utterances"])
     need = math.ceil(regression.MIN_IDENTICAL_TRANSCRIPTS * n)
     assert (
-        f"[decoding] transcripts: {n - 7} of {n} identical to the stored ones (at least {need})"
+        f"[decoding] transcripts: {n - 9} of {n} identical to the stored ones (at least {need})"
         in problems
     )
     assert any(
