@@ -422,21 +422,14 @@ class LMFineTuneBrain(DDPEvalMixin, sb.Brain):
 
 def run(hparams_file, run_opts, overrides):
     """Load, fetch, fine-tune and evaluate, as finetune.yaml says; the results.
-
-    Every phase ends with outcome checks (sbtemplate.outcome_checks): what it
-    produced against an independent computation. A failed one raises
-    ``OutcomeError`` naming the seam and the module at fault.
-    """
+    Each phase checks its outcome (sbtemplate.outcome_checks): a failed check
+    raises ``OutcomeError`` naming the seam and the module at fault."""
     timings, started = {}, time.time()
     # 1. Hyperparameters, loaded once (a misspelt override fails here, on every
     #    rank; loopback servers start); the process group; the Hub client.
     hparams = run_setup.load_hparams(hparams_file, overrides)
     run_setup.init_distributed(run_opts, hparams["collective_timeout_s"])
-    WATCHDOG.append(
-        start_watchdog(
-            *rank_and_world_size(), label=lambda: STAGE["now"], **hparams["hang_watchdog"]
-        )
-    )
+    start_hang_watchdog(hparams)
     endpoints = fetching.use_endpoints(hparams, cache_dir=hparams["fetch_cache"])
 
     # 2. Data preparation: unusable test audio is reported now, on every rank,
@@ -508,6 +501,13 @@ def run(hparams_file, run_opts, overrides):
 
 # --------------------------------------------------------------------------
 # The phases
+
+
+def start_hang_watchdog(hparams):
+    """This rank's hang watchdog (nothing in one process); main() stops it."""
+    rank, world = rank_and_world_size()
+    watchdog = start_watchdog(rank, world, label=lambda: STAGE["now"], **hparams["hang_watchdog"])
+    WATCHDOG.append(watchdog)
 
 
 def lock_output_folder(hparams, hparams_file, overrides):
