@@ -54,6 +54,15 @@ logger = logging.getLogger(__name__)
 # the hang watchdog of this process (stopped before the process group ends).
 STAGE = {"now": "set-up"}
 WATCHDOG = []
+#: The seam an unexpected error points at, by the stage it happened in (none
+#: in set-up: loading the YAML, preparing data).
+SEAM_OF_STAGE = {
+    "fetching the recognizer": "fetching/loading",
+    "evaluation with the base LM": "decoding",
+    "fine-tuning": "fine-tuning step",
+    "evaluation with the fine-tuned LM": "decoding",
+    "the final checks": "scoring",
+}
 
 
 # --------------------------------------------------------------------------
@@ -623,7 +632,7 @@ def check_lm_in_decoding(brain, hparams, test_set, utterances=4):
     items = [test_set[i] for i in range(min(utterances, len(test_set)))]
     wavs, wav_lens = sb.dataio.batch.PaddedBatch(items).to(brain.device).sig
     brain.outcomes.append(
-        oc.check_lm_weight_matters(
+        oc.check_weights_matter(
             search, hparams["test_encoder"], wavs, wav_lens, hparams["eos_index"]
         )
     )
@@ -927,8 +936,12 @@ def main(argv=None):
                 f"waited past collective_timeout_s ({type(exc).__name__}: {exc})"
             )
             return run_setup.EXIT_FAILED
-        run_setup.report(f"rank {rank}: ERROR: {type(exc).__name__}: {exc}")
-        if not isinstance(exc, (*run_setup.INPUT_ERRORS, oc.OutcomeError)):
+        named = isinstance(exc, (*run_setup.INPUT_ERRORS, oc.OutcomeError))
+        seam = SEAM_OF_STAGE.get(STAGE["now"]) if not named else None
+        where = f" (during {STAGE['now']})" if seam else ""
+        seam = f"[{seam}] " if seam else ""
+        run_setup.report(f"rank {rank}: ERROR: {seam}{type(exc).__name__}: {exc}{where}")
+        if not named:
             traceback.print_exc()  # not an input error nor a named seam: where it happened matters
         run_setup.failure_barrier(run_opts)
         return run_setup.exit_status(exc)

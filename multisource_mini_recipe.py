@@ -27,6 +27,7 @@ import json
 import logging
 import sys
 import time
+import traceback
 from pathlib import Path
 
 # isort: off
@@ -51,6 +52,8 @@ from sbtemplate.slu import (
 )
 
 logger = logging.getLogger(__name__)
+#: The seam of what the recipe is doing, named when something fails unexpectedly.
+SEAM = {"now": "fetching/loading"}
 
 
 class SLU(sb.Brain):
@@ -317,6 +320,7 @@ def main(argv=None):
             f"num_asr_tokens ({hparams['num_asr_tokens']}) is smaller than the recognizer's "
             f"vocabulary ({asr.tokenizer.get_piece_size()})"
         )
+    SEAM["now"] = "audio/data"
     datasets, label_encoder = dataio_prepare(hparams, asr.tokenizer)
     # Every test file decodable, at the recognizer's sample rate and mono,
     # before any training.
@@ -343,6 +347,7 @@ def main(argv=None):
     slu_brain.history = []
 
     # 5. Training on reference transcripts.
+    SEAM["now"] = "fine-tuning step"
     slu_brain.fit(
         slu_brain.hparams.epoch_counter,
         datasets["train"],
@@ -352,6 +357,7 @@ def main(argv=None):
     )
 
     # 6. Test on the recognizer's transcripts of the target-domain speech.
+    SEAM["now"] = "decoding"
     test_loss = slu_brain.evaluate(
         datasets["test"], min_key="SER", test_loader_kwargs=hparams["test_dataloader_opts"]
     )
@@ -441,5 +447,16 @@ def regression_check(hparams, results):
     return 0
 
 
+def run_main():
+    """``main()``; an unexpected error ends the run with its traceback, then one
+    line naming the seam of what the recipe was doing."""
+    try:
+        return main()
+    except Exception as error:  # noqa: BLE001 - named with its seam, traceback first
+        traceback.print_exc()
+        print(f"\nFAILED: [{SEAM['now']}] {type(error).__name__}: {error}", file=sys.stderr)
+        return EXIT_FAILED
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main())

@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import sys
+import traceback
 from pathlib import Path
 
 # Configures the Hub endpoint before anything imports huggingface_hub.
@@ -37,6 +38,8 @@ from sbtemplate.config_checks import ConfigError
 from sbtemplate.run_setup import EXIT_FAILED, EXIT_INPUT_ERROR, load_hparams, parse_arguments
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3")
+#: The seam of what the script is doing, named when something fails unexpectedly.
+SEAM = {"now": "fetching/loading"}
 
 
 def example_audio(repo_id, wanted):
@@ -108,6 +111,7 @@ def run_checks(hparams, device):
     )
     loaded = new_records(start)
     start = len(fetching.fetch_log)
+    SEAM["now"] = "decoding"
     text_1 = asr.transcribe_file(FetchSource(FetchFrom.HUGGING_FACE, f"{repo}/{wav}"))
     audio = new_records(start)
     for record in downloaded + loaded + audio:
@@ -124,7 +128,9 @@ def run_checks(hparams, device):
         f"\n== Case 2: from_hparams({repo!r}) (a plain string, taken as {guessed.name}), savedir={savedir}"
     )
     start = len(fetching.fetch_log)
+    SEAM["now"] = "fetching/loading"
     asr_2 = EncoderDecoderASR.from_hparams(source=repo, savedir=str(savedir), run_opts=run_opts)
+    SEAM["now"] = "decoding"
     text_2 = asr_2.transcribe_file(f"{repo}/{wav}", savedir=str(savedir))
     for record in new_records(start):
         print("  " + record.describe())
@@ -167,7 +173,7 @@ def outcome_checks(hparams, asr, repo, wav, manifest):
     lines.append(oc.check_lm_scores(search, lm, asr.hparams.bos_index, asr.device, temperature))
     wavs = asr.load_audio(example).unsqueeze(0).to(asr.device)
     eos = asr.hparams.eos_index
-    lines.append(oc.check_lm_weight_matters(search, asr.encode_batch, wavs, torch.ones(1), eos))
+    lines.append(oc.check_weights_matter(search, asr.encode_batch, wavs, torch.ones(1), eos))
     recorded = hparams["recorded_wer"]
     if recorded is None:
         lines.append("test set not decoded: no WER recorded for this repo by a build here")
@@ -181,7 +187,7 @@ def outcome_checks(hparams, asr, repo, wav, manifest):
             summary["WER"],
             bound,
             f"test set through from_hparams (recorded {recorded:.2f}%)",
-            "fetching/loading",
+            "decoding",
             "speechbrain.inference.ASR (EncoderDecoderASR) / speechbrain.decoders",
         )
     )
@@ -244,6 +250,10 @@ def main(argv=None):
     except fetching.FetchError as error:
         print(f"\nFETCH FAILED: {error}", file=sys.stderr)
         return EXIT_INPUT_ERROR
+    except Exception as error:  # noqa: BLE001 - named with its seam, traceback first
+        traceback.print_exc()
+        print(f"\nFAILED: [{SEAM['now']}] {type(error).__name__}: {error}", file=sys.stderr)
+        return EXIT_FAILED
     finally:
         fetching.stop_serving()
     if problems:

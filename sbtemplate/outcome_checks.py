@@ -289,41 +289,47 @@ def check_lm_scores(searcher, lm_module, bos_index, device="cpu", temperature=No
     return "rnnlm scorer = log-softmax of the LM module, 2 steps"
 
 
-def check_lm_weight_matters(search, encode, wavs, wav_lens, eos_index=None):
-    """Decoding with the configured LM weight gives other scores than with
-    weight 0; no hypothesis holds the EOS token (``eos_index``).
+def check_weights_matter(search, encode, wavs, wav_lens, eos_index=None):
+    """Decoding with each configured LM and CTC weight gives other scores than
+    with that weight at 0; no hypothesis holds the EOS token (``eos_index``).
 
     ``encode(wavs, wav_lens)`` -> encoder states; ``search`` the beam searcher.
+    One line.
     """
     scorer = search.scorer
-    name, _ = lm_scorer(search)
-    weight = scorer.weights.get(name) if name else None
-    if not weight:
-        return "LM weight 0: nothing to check"
+    lm_name, _ = lm_scorer(search)
+    names = [n for n in (lm_name, "ctc") if n and scorer.weights.get(n)]
     with torch.no_grad():
         encoded = encode(wavs, wav_lens)
         hyps, _, scores, _ = search(encoded, wav_lens)
-        scorer.weights[name] = 0.0
-        try:
-            hyps0, _, scores0, _ = search(encoded, wav_lens)
-        finally:
-            scorer.weights[name] = weight
-    if torch.allclose(scores.float(), scores0.float(), atol=1e-6) and hyps == hyps0:
-        _fail(
-            "LM in decoding",
-            f"the LM weight {weight} changes no score of {len(hyps)} utterances against weight 0",
-            "speechbrain.decoders.scorer (ScorerBuilder.score / RNNLMScorer) or"
-            " speechbrain.decoders.seq2seq",
-        )
-    if eos_index is not None and any(int(eos_index) in map(int, h) for h in hyps + hyps0):
+        every = [hyps]
+        lines = []
+        for name in names:
+            weight = scorer.weights[name]
+            scorer.weights[name] = 0.0
+            try:
+                hyps0, _, scores0, _ = search(encoded, wav_lens)
+            finally:
+                scorer.weights[name] = weight
+            every.append(hyps0)
+            if torch.allclose(scores.float(), scores0.float(), atol=1e-6) and hyps == hyps0:
+                _fail(
+                    "LM in decoding" if name == lm_name else "decoding",
+                    f"the {name} weight {weight} changes no score of {len(hyps)} utterances"
+                    " against weight 0",
+                    f"speechbrain.decoders.scorer (ScorerBuilder.score / the {name} scorer)"
+                    " or speechbrain.decoders.seq2seq",
+                )
+            changed = sum(a != b for a, b in zip(hyps, hyps0))
+            lines.append(f"{name} weight {weight} vs 0: scores differ, {changed}/{len(hyps)} hyps")
+    if eos_index is not None and any(int(eos_index) in map(int, h) for hs in every for h in hs):
         _fail(
             "decoding",
             f"a hypothesis of the beam search holds the EOS token ({eos_index})",
             "speechbrain.decoders.seq2seq (S2SBeamSearcher) / speechbrain.utils.data_utils"
             " (undo_padding)",
         )
-    changed = sum(a != b for a, b in zip(hyps, hyps0))
-    return f"LM weight {weight} vs 0: scores differ, {changed}/{len(hyps)} hypotheses differ"
+    return "; ".join(lines) or "no LM or CTC weight: nothing to check"
 
 
 # --------------------------------------------------------------------------
