@@ -936,13 +936,15 @@ def main(argv=None):
                 f"waited past collective_timeout_s ({type(exc).__name__}: {exc})"
             )
             return run_setup.EXIT_FAILED
+        # An input error or a failed outcome check is its own one line; anything
+        # else prints its traceback, then the line, naming the seam of the stage.
         named = isinstance(exc, (*run_setup.INPUT_ERRORS, oc.OutcomeError))
-        seam = SEAM_OF_STAGE.get(STAGE["now"]) if not named else None
-        where = f" (during {STAGE['now']})" if seam else ""
-        seam = f"[{seam}] " if seam else ""
-        run_setup.report(f"rank {rank}: ERROR: {seam}{type(exc).__name__}: {exc}{where}")
         if not named:
-            traceback.print_exc()  # not an input error nor a named seam: where it happened matters
+            traceback.print_exc()
+        seam = None if named else SEAM_OF_STAGE.get(STAGE["now"])
+        where = f"[{seam}] " if seam else ""
+        during = f" (during {STAGE['now']})" if seam else ""
+        run_setup.report(f"rank {rank}: ERROR: {where}{type(exc).__name__}: {exc}{during}")
         run_setup.failure_barrier(run_opts)
         return run_setup.exit_status(exc)
     finally:
