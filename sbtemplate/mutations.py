@@ -428,9 +428,9 @@ README_TESTS = [
     "-q",
     "-p",
     "no:cacheprovider",
-    "tests/test_multisource_recipe.py",
-    "tests/test_fetch_single_node.py",
     "tests/test_finetune.py",
+    "tests/test_fetch_single_node.py",
+    "tests/test_multisource_recipe.py",
     "tests",
 ]
 # Cheapest first, so that --stop-at-first-red saves the most.
