@@ -416,29 +416,8 @@ COMMANDS = {
         },
     ),
 }
-# The README's test command, the modules that run the three commands first
-# (pytest keeps the first of repeated paths), stopping at the first failure:
-# opt-in (--commands readme_tests), it takes minutes per mutant. It runs on a
-# private artefacts folder that links the built profile's stages, so a mutant
-# cannot leave files in the shared caches.
-README_TESTS = [
-    "-m",
-    "pytest",
-    "-x",
-    "-q",
-    "-p",
-    "no:cacheprovider",
-    "tests/test_finetune.py",
-    "tests/test_fetch_single_node.py",
-    "tests/test_multisource_recipe.py",
-    "tests",
-]
 # Cheapest first, so that --stop-at-first-red saves the most.
 COMMAND_ORDER = ("single_node", "debug", "finetune")
-ALL_COMMANDS = (*COMMAND_ORDER, "readme_tests")
-#: What a private artefacts folder does not link from the built profile: the
-#: folders runs write into.
-WRITTEN_BY_RUNS = ("fetch-cache", "pretrained", "pretrained_models", ".build.lock")
 PROFILE = "tiny"
 PROFILE_OVERRIDE = f"--build_profile=!include:sbtemplate/hparams/profiles/{PROFILE}.yaml"
 DEFAULT_TIMEOUT_S = 600
@@ -551,21 +530,6 @@ def overlay_env(overlay_root, run_dir):
     return env
 
 
-def private_artifacts(run_dir):
-    """An artefacts folder for one run: the built profile's entries linked,
-    the folders runs write into left out (made fresh by the run)."""
-    from sbtemplate.paths import artifacts_folder
-
-    built = Path(artifacts_folder()) / PROFILE
-    root = run_dir / "artifacts"
-    (root / PROFILE).mkdir(parents=True, exist_ok=True)
-    for entry in built.iterdir():
-        link = root / PROFILE / entry.name
-        if entry.name not in WRITTEN_BY_RUNS and not link.exists():
-            link.symlink_to(entry.resolve(), target_is_directory=entry.is_dir())
-    return root
-
-
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -574,10 +538,8 @@ def _free_port():
 
 def command_argv(name, run_dir):
     """The argv of command ``name`` writing everything under ``run_dir``."""
-    python = Path(sys.executable)
-    if name == "readme_tests":
-        return [str(python), *README_TESTS, f"--basetemp={run_dir / 'pytest'}"]
     script, folders = COMMANDS[name]
+    python = Path(sys.executable)
     if name == "finetune":
         # Its own rendezvous port: never the default one another job may hold.
         launcher = [
@@ -634,8 +596,6 @@ def run_command(name, run_dir, overlay_root, timeout):
     argv = command_argv(name, run_dir)
     (run_dir / "command.txt").write_text(" ".join(argv) + "\n")
     env = overlay_env(overlay_root, run_dir)
-    if name == "readme_tests":
-        env["SBTEMPLATE_ARTIFACTS"] = str(private_artifacts(run_dir))
     started = time.monotonic()
     with open(run_dir / "stdout.txt", "wb") as out, open(run_dir / "stderr.txt", "wb") as err:
         proc = subprocess.Popen(
@@ -825,11 +785,7 @@ def parse_args(argv):
     )
     parser.add_argument("--mutants", nargs="+", metavar="NAME", help="only these (default: all)")
     parser.add_argument(
-        "--commands",
-        nargs="+",
-        choices=ALL_COMMANDS,
-        help="only these (default: the three used-by commands; readme_tests runs the"
-        " README's test command, minutes per mutant)",
+        "--commands", nargs="+", choices=COMMAND_ORDER, help="only these (default: all three)"
     )
     parser.add_argument(
         "--stop-at-first-red",
@@ -862,7 +818,7 @@ def main(argv=None):
         list_mutants()
         return 0
     mutants = select_mutants(args.mutants)
-    commands = [c for c in ALL_COMMANDS if c in (args.commands or COMMAND_ORDER)]
+    commands = [c for c in COMMAND_ORDER if c in (args.commands or COMMAND_ORDER)]
     if not (ProfilePaths.for_profile(PROFILE).model_dir / "hyperparams.yaml").is_file():
         print(
             f"The {PROFILE} profile is not built: run `python -m sbtemplate.build --profile {PROFILE}` first",
