@@ -805,11 +805,7 @@ def outcome_checks(brain, hparams, results, base_report, reports):
         (f"fine-tuned LM, {n}", r) for n, r in reports.items()
     ]
     for what, report in named:
-        hyps = {
-            str(s["key"]): " ".join(map(str, s.get("hyp_tokens") or []))
-            for s in report.stats.scores
-        }
-        add(oc.check_wer(report.summary, hyps, references, what))
+        add(oc.check_wer(report.summary, fe.hypotheses(report), references, what))
     quality_bounds(brain, hparams, results, base_report, reports)
     if reports and not results["paths"]["identical_hypotheses"]:
         raise RuntimeError(f"evaluation paths disagree on {results['paths']['differing_ids'][:10]}")

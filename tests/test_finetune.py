@@ -265,9 +265,9 @@ def test_ctrl_c_during_a_checkpoint_save_never_poisons_the_rerun(ddp_run, tmp_pa
     assert not [p for p in (out / "save").iterdir() if p.name.startswith(STAGING_PREFIX)]
 
 
-def test_a_stalled_rank_is_named_with_what_the_run_was_doing(tiny_build, tmp_path):
-    """Rank 1 stops answering in its first training step: rank 0 fails after
-    the collective timeout, naming the rank and the stage."""
+def _stalled_run(tmp_path, *extra, timeout=TIMEOUT_S):
+    """tests/stalled_finetune.py on 2 ranks (rank 1 stops in its first training
+    step), no evaluation, with ``extra`` overrides."""
     overrides = [o for o in RUN_OVERRIDES if not o.startswith("--collective_timeout_s")]
     cmd = [
         str(TORCHRUN),
@@ -277,14 +277,20 @@ def test_a_stalled_rank_is_named_with_what_the_run_was_doing(tiny_build, tmp_pat
         "tests/stalled_finetune.py",
         "finetune.yaml",
         *overrides,
-        "--collective_timeout_s=10",
+        *extra,
         "--evaluate_base=False",
         "--evaluate_finetuned=False",
         f"--output_folder={tmp_path / 'out'}",
     ]
-    done = subprocess.run(
-        cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=TIMEOUT_S
+    return subprocess.run(
+        cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout
     )
+
+
+def test_a_stalled_rank_is_named_with_what_the_run_was_doing(tiny_build, tmp_path):
+    """Rank 1 stops answering in its first training step: rank 0 fails after
+    the collective timeout, naming the rank and the stage."""
+    done = _stalled_run(tmp_path, "--collective_timeout_s=10")
     assert done.returncode != 0
     assert (
         "rank 0: ERROR: rank 1 stopped answering during fine-tuning: a collective waited past "
@@ -296,23 +302,13 @@ def test_a_stalled_rank_is_named_by_the_watchdog_long_before_the_timeout(tiny_bu
     """Rank 1 stops in its first training step, the collective timeout is
     15 minutes: the hang watchdog ends the run within its stall_s, naming where
     each rank waits (rank 1 asleep in stalled_fit_batch)."""
-    overrides = [o for o in RUN_OVERRIDES if not o.startswith("--collective_timeout_s")]
-    cmd = [
-        str(TORCHRUN),
-        "--nproc_per_node=2",
-        "--master_addr=127.0.0.1",
-        f"--master_port={_free_port()}",
-        "tests/stalled_finetune.py",
-        "finetune.yaml",
-        *overrides,
+    started = time.monotonic()
+    done = _stalled_run(
+        tmp_path,
         "--collective_timeout_s=900",
         "--hang_watchdog={mismatch_s: 5, stall_s: 10, poll_s: 0.5}",
-        "--evaluate_base=False",
-        "--evaluate_finetuned=False",
-        f"--output_folder={tmp_path / 'out'}",
-    ]
-    started = time.monotonic()
-    done = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+        timeout=300,
+    )
     assert done.returncode != 0
     assert time.monotonic() - started < 120
     line = [x for x in done.stderr.splitlines() if "ranks hang" in x]
